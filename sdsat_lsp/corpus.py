@@ -1,0 +1,108 @@
+"""Real code to benchmark, train and evaluate on: the CPython standard library on this machine.
+
+Every list here is deterministic (sorted paths, seeded choices) so that figures from different
+runs and machines are comparable, and the held-out split is a pure function of the path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SdsatError
+
+# Folders whose files are data-like, generated or huge; they teach a code model little.
+_SKIPPED_PARTS = {"site-packages", "__pycache__", "idlelib", "lib2to3", "pydoc_data", "encodings"}
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def python_files(source: str | Path | None = None, max_bytes: int = 400_000) -> list[Path]:
+    """Python files under `source` (default: the standard library), sorted, readable as UTF-8."""
+    root = Path(source) if source is not None else stdlib_dir()
+    if not root.is_dir():
+        raise SdsatError(f"source folder {root} does not exist or is not a folder")
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).parts
+        if _SKIPPED_PARTS.intersection(rel) or not path.is_file():
+            continue
+        if path.stat().st_size > max_bytes or path.stat().st_size < 200:
+            continue
+        files.append(path)
+    if not files:
+        raise SdsatError(f"no Python files found under {root}")
+    return files
+
+
+def is_held_out(path: Path, root: Path | None = None, fraction: float = 0.05) -> bool:
+    """A fixed, path-determined evaluation split (the same on every machine with the same tree)."""
+    rel = str(path.relative_to(root)) if root is not None else path.name
+    digest = hashlib.sha256(rel.encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+def file_list_hash(files: list[Path], root: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None
+
+
+@dataclass(frozen=True)
+class CodePrompt:
+    path: str
+    line: int
+    text: str
+
+
+def cut_prompts(
+    n: int,
+    source: str | Path | None = None,
+    seed: int = 0,
+    max_chars: int = 1500,
+    min_chars: int = 200,
+) -> list[CodePrompt]:
+    """`n` prompts cut from real files at line starts: the text before a random line, up to `max_chars`.
+
+    The cut is at a line start so the model continues a fresh line, the way an editor asks after
+    Enter; the window start is moved forward to a line start too, so a prompt never opens mid-token.
+    """
+    files = python_files(source)
+    rng = random.Random(seed)
+    prompts: list[CodePrompt] = []
+    attempts = 0
+    while len(prompts) < n:
+        attempts += 1
+        if attempts > 50 * n + 100:
+            raise SdsatError(f"could not cut {n} prompts of at least {min_chars} characters from the files")
+        path = rng.choice(files)
+        text = read_text(path)
+        if not text:
+            continue
+        line_starts = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"]
+        candidates = [s for s in line_starts if s >= min_chars and s < len(text) - 1]
+        if not candidates:
+            continue
+        cut = rng.choice(candidates)
+        start = max(0, cut - max_chars)
+        if start > 0:
+            nl = text.find("\n", start)
+            start = nl + 1 if 0 <= nl < cut else start
+        body = text[start:cut]
+        if len(body) < min_chars // 2:
+            continue
+        prompts.append(CodePrompt(path=str(path), line=text.count("\n", 0, cut) + 1, text=body))
+    return prompts

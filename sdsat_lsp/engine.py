@@ -1,0 +1,411 @@
+"""SDSAT decoding over a Hugging Face causal LM: the autoregressive baseline, the two-pass
+draft-then-verify scheme and the fused step, greedy and (losslessly) sampled.
+
+The engine knows nothing of LSP, documents or editors. It takes token ids, a model and a
+transformers `DynamicCache` that may already hold a prefix of the prompt (the caller's per-document
+cache), and returns tokens, stats and what is left in the cache. Forward passes are the unit of
+cost and of cancellation: `cancel()` is checked before every pass.
+
+The SDSAT contract (see shared/design/sdsat.md): feed `[x_t, A_1..A_k]` at positions t..t+k under a
+causal mask; the output at x_t predicts x_{t+1} and the output at A_j predicts x_{t+j+1}. Adaptive
+tokens' KV entries are dropped before any real token is fed, so real tokens never see them.
+
+One loop serves every scheme. State between passes: `y`, the next token (known, not yet in the
+cache), and `drafts`, guesses for the tokens after it. A pass feeds `[y, d_1..d_m]` to verify the
+drafts and may append adaptive blocks, one per acceptance length n it wants to be ready for: the
+block for n sits after d_n (positions of y + n + 1 ...) and sees only the cache, y and d_1..d_n.
+After the pass, n drafts are accepted, the next `y` comes from the output at d_n, and the block for
+n (if there is one) supplies the next drafts. Everything after y, d_1..d_n is cropped from the cache:
+the kept entries are always a prefix of what the pass appended, so `DynamicCache.crop` is the only
+rollback needed.
+
+- "ar": no drafts, no blocks; one token per pass.
+- "two-pass" (the reference): a pass with no drafts carries the n=0 block (a draft pass: one token
+  plus k drafts); a pass with drafts carries no block (a verify pass). At most (k+2)/2 tokens/pass.
+- "fused": every pass carries a block for every n in 0..m under a 4-D mask, so verifying and
+  drafting share one pass: 1 + accepted tokens per pass. On CPU a pass of tens of tokens costs well
+  under 2x a pass of one, so saving passes is what pays.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import SdsatError
+
+MODES = ("ar", "two-pass", "fused")
+
+
+@dataclass
+class Sampling:
+    """Token choice. temperature 0 is greedy (and seed-independent)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class DecodeStats:
+    forward_passes: int = 0
+    prefill_tokens: int = 0  # prompt tokens fed (not found in the cache)
+    reused_tokens: int = 0  # prompt tokens found in the cache passed in
+    tokens_fed: int = 0  # every token fed, adaptive ones included
+    drafts_verified: int = 0
+    drafts_accepted: int = 0
+    verify_passes: int = 0  # passes that checked at least one draft
+    new_tokens: int = 0
+    prefill_ms: float = 0.0
+    wall_ms: float = 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Accepted drafts per verifying pass (the paper's acceptance length, minus the free token)."""
+        return self.drafts_accepted / self.verify_passes if self.verify_passes else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """New tokens per forward pass, the prefill pass included (it yields the first token)."""
+        return self.new_tokens / self.forward_passes if self.forward_passes else 0.0
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["mean_accepted"] = self.mean_accepted
+        d["tokens_per_pass"] = self.tokens_per_pass
+        return d
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    finish_reason: str  # "eos" | "length" | "stop" | "cancelled" | "budget"
+    stats: DecodeStats
+    cache_ids: list[int] = field(default_factory=list)  # ids whose KV the cache holds afterwards
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping: one token at a time, so that SDSAT, which learns several tokens per pass, stops at
+# exactly the token where plain decoding would.
+
+
+class Stopper:
+    """Decides, token by token, when generation ends. EOS is not part of the output; a stop string
+    ends generation at the token that completes it (that token is kept; callers trim the text).
+    Past `deadline` (a time.perf_counter() value) generation ends at the next token holding a
+    newline (llama.cpp's t_max_predict_ms rule), or at once when there is no `decode`."""
+
+    def __init__(
+        self,
+        max_new_tokens: int,
+        eos_ids: Sequence[int] = (),
+        stop_strings: Sequence[str] = (),
+        decode: Callable[[list[int]], str] | None = None,
+        should_stop: Callable[[list[int]], bool] | None = None,
+        deadline: float | None = None,
+    ):
+        if stop_strings and decode is None:
+            raise ValueError("stop strings need a decode function")
+        self.max_new_tokens = max_new_tokens
+        self.eos_ids = set(eos_ids)
+        self.stop_strings = [s for s in stop_strings if s]
+        self.decode = decode
+        self.should_stop = should_stop
+        self.deadline = deadline
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+
+    def push(self, token: int) -> bool:
+        """Take one generated token; True once generation is over."""
+        assert self.finish_reason is None
+        if token in self.eos_ids:
+            self.finish_reason = "eos"
+            return True
+        self.tokens.append(token)
+        if self.stop_strings and any(s in self.decode(self.tokens) for s in self.stop_strings):
+            self.finish_reason = "stop"
+        elif self.should_stop is not None and self.should_stop(self.tokens):
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.max_new_tokens:
+            self.finish_reason = "length"
+        elif self.deadline is not None and time.perf_counter() > self.deadline and (
+            self.decode is None or "\n" in self.decode([token])
+        ):
+            self.finish_reason = "budget"
+        return self.finish_reason is not None
+
+    def push_all(self, tokens: Sequence[int]) -> bool:
+        return any(self.push(t) for t in tokens) if self.finish_reason is None else True
+
+
+# ----------------------------------------------------------------------------------------------
+# Token choice: greedy, sampling, and the lossless speculative acceptance rule.
+
+
+def logits_to_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """(..., V) logits -> probabilities after temperature, top-k and top-p, in float32."""
+    logits = logits.float() / max(sampling.temperature, 1e-5)
+    if sampling.top_k and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # Keep the smallest set whose mass reaches top_p: drop a token when the mass before it does.
+        drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= sampling.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def accept_draft(probs: torch.Tensor, draft: int, generator: torch.Generator | None) -> int | None:
+    """Speculative sampling with a deterministic draft (q is one-hot on `draft`).
+
+    Accept with probability min(1, p(d)/q(d)) = p(d); on rejection sample from
+    norm(max(0, p - q)), which is p with d removed. Then P(out = d) = p(d) and, for x != d,
+    P(out = x) = (1 - p(d)) * p(x) / (1 - p(d)) = p(x): the model's own distribution.
+    Returns None when the draft is accepted, else the token to emit instead.
+    """
+    p_draft = float(probs[draft])
+    u = torch.rand((), generator=generator, device=probs.device).item() if generator is not None else torch.rand(()).item()
+    if u < p_draft:
+        return None
+    residual = probs.clone()
+    residual[draft] = 0.0
+    if float(residual.sum()) <= 0.0:  # p(d) == 1 cannot be rejected; guard float round-off
+        return None
+    return _draw(residual / residual.sum(), generator)
+
+
+AcceptRule = Callable[[torch.Tensor, int, "torch.Generator | None"], "int | None"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward passes.
+
+
+def _model_dtype(model) -> torch.dtype:
+    return model.get_input_embeddings().weight.dtype if model.get_input_embeddings().weight.is_floating_point() else torch.float32
+
+
+def _model_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def forward(model, cache, ids: Sequence[int], positions: Sequence[int], mask: torch.Tensor | None = None,
+            logits_to_keep: int = 0) -> torch.Tensor:
+    """One forward pass appending `ids` to `cache`; returns (T, V) float32 logits (the last
+    `logits_to_keep` positions when it is > 0)."""
+    device = _model_device(model)
+    input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    position_ids = torch.tensor([list(positions)], dtype=torch.long, device=device)
+    with torch.inference_mode():
+        out = model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=mask,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+    return out.logits[0].float()
+
+
+def _block_mask(past: int, verify_len: int, blocks: list[int], block_len: int, dtype, device) -> torch.Tensor:
+    """Additive (1, 1, q, past + q) mask for `[y, d_1..d_m]` followed by one adaptive block per
+    acceptance length n in `blocks`: the block for n sees the cache, y..d_n and its own earlier slots."""
+    q = verify_len + len(blocks) * block_len
+    allowed = torch.zeros(q, past + q, dtype=torch.bool, device=device)
+    allowed[:, :past] = True
+    allowed[:verify_len, past:past + verify_len] = torch.ones(verify_len, verify_len, dtype=torch.bool, device=device).tril()
+    causal_block = torch.ones(block_len, block_len, dtype=torch.bool, device=device).tril()
+    for b, n in enumerate(blocks):
+        row = verify_len + b * block_len
+        allowed[row:row + block_len, past:past + n + 1] = True
+        allowed[row:row + block_len, past + row:past + row + block_len] = causal_block
+    mask = torch.zeros(q, past + q, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoder.
+
+
+def _adaptive_block(adaptive_ids: Sequence[int], k: int) -> list[int]:
+    return list(adaptive_ids) * k if len(adaptive_ids) == 1 else list(adaptive_ids[:k])
+
+
+def check_settings(model, k: int, adaptive_ids: Sequence[int], mode: str) -> None:
+    if mode not in MODES:
+        raise SdsatError(f"unknown decoding mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "ar":
+        return
+    if k < 1:
+        raise SdsatError(f"k must be at least 1 (got {k})")
+    if not adaptive_ids:
+        raise SdsatError("no adaptive token id given: pass --adaptive-ids or use a model with an sdsat.json card")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    bad = [i for i in adaptive_ids if not 0 <= i < vocab]
+    if bad:
+        raise SdsatError(f"adaptive id(s) {bad} outside the model's vocabulary (0..{vocab - 1})")
+    if 1 < len(adaptive_ids) < k:
+        raise SdsatError(f"{len(adaptive_ids)} adaptive ids given for k={k}: give one id (repeated) or at least k")
+
+
+def context_length(model) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2**31
+
+
+def generate(
+    model,
+    prompt_ids: Sequence[int],
+    *,
+    mode: str = "fused",
+    k: int = 5,
+    adaptive_ids: Sequence[int] = (),
+    max_new_tokens: int = 64,
+    eos_ids: Sequence[int] | None = None,
+    stop_strings: Sequence[str] = (),
+    decode: Callable[[list[int]], str] | None = None,
+    should_stop: Callable[[list[int]], bool] | None = None,
+    sampling: Sampling | None = None,
+    cache=None,
+    cancel: Callable[[], bool] | None = None,
+    deadline: float | None = None,
+    accept_rule: AcceptRule = accept_draft,
+) -> Generation:
+    """Decode after `prompt_ids`.
+
+    `cache`: a DynamicCache whose entries are the KV of `prompt_ids[:cache.get_seq_length()]`
+    (the caller guarantees that prefix); it is extended in place and on return holds
+    `Generation.cache_ids`. `deadline`: see `Stopper`. `accept_rule` exists so that tests can
+    show a biased rule failing; leave it alone.
+    """
+    from transformers import DynamicCache
+
+    started = time.perf_counter()
+    sampling = sampling or Sampling()
+    check_settings(model, k, adaptive_ids, mode)
+    prompt_ids = list(prompt_ids)
+    if not prompt_ids:
+        raise SdsatError("the prompt is empty: give at least one token")
+    ctx = context_length(model)
+    if len(prompt_ids) >= ctx:
+        raise SdsatError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {ctx}")
+    if eos_ids is None:
+        eos = model.config.eos_token_id
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    stopper = Stopper(min(max_new_tokens, ctx - len(prompt_ids)), eos_ids, stop_strings, decode, should_stop, deadline)
+    stats = DecodeStats()
+    generator = None
+    if not sampling.greedy:
+        generator = torch.Generator(device=_model_device(model))
+        generator.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    dtype, device = _model_dtype(model), _model_device(model)
+    block = _adaptive_block(adaptive_ids, k) if mode != "ar" else []
+
+    def pick(logits_row: torch.Tensor) -> int:
+        if sampling.greedy:
+            return int(torch.argmax(logits_row).item())
+        return _draw(logits_to_probs(logits_row, sampling), generator)
+
+    def crop_to(length: int) -> None:
+        cache.crop(length - cache.get_seq_length())
+
+    # Prefill: reuse what the cache holds, but always feed at least the last prompt token (its
+    # logits give the first new token). In SDSAT modes the n=0 block rides along, so the prefill
+    # also drafts.
+    reused = min(cache.get_seq_length(), len(prompt_ids) - 1)
+    crop_to(reused)
+    stats.reused_tokens = reused
+    feed = prompt_ids[reused:]
+    if max_new_tokens <= 0 or (cancel is not None and cancel()):
+        stats.wall_ms = (time.perf_counter() - started) * 1e3
+        return Generation([], "length" if max_new_tokens <= 0 else "cancelled", stats, prompt_ids[:reused])
+    logits = forward(model, cache, feed + block, range(reused, reused + len(feed) + len(block)),
+                     logits_to_keep=1 + len(block))
+    stats.forward_passes += 1
+    stats.prefill_tokens = len(feed)
+    stats.tokens_fed += len(feed) + len(block)
+    crop_to(len(prompt_ids))
+    stats.prefill_ms = (time.perf_counter() - started) * 1e3
+    y = pick(logits[0])
+    drafts = [int(t) for t in torch.argmax(logits[1:], dim=-1).tolist()] if block else []
+    done = stopper.push(y)
+    # The sequence whose KV the cache holds: prompt, then emitted tokens except the newest (y).
+    seq = list(prompt_ids)
+
+    while not done:
+        if cancel is not None and cancel():
+            stopper.finish_reason = "cancelled"
+            break
+        base = len(seq)  # position of y; the stopper's length limit keeps it inside the context
+        drafts = drafts[: max(0, ctx - base - 1)]
+        verify = [y] + drafts
+        if mode == "ar":
+            blocks = []
+        elif mode == "two-pass":
+            blocks = [] if drafts else [0]
+        else:
+            blocks = list(range(len(drafts) + 1))
+        ids = list(verify)
+        positions = list(range(base, base + len(verify)))
+        for n in blocks:
+            ids += block
+            positions += range(base + n + 1, base + n + 1 + len(block))
+        # A single block after the whole draft is still a plain causal layout; only more needs a mask.
+        contiguous = not blocks or blocks == [len(drafts)]
+        mask = None if contiguous else _block_mask(base, len(verify), blocks, len(block), dtype, device)
+        logits = forward(model, cache, ids, positions, mask)
+        stats.forward_passes += 1
+        stats.tokens_fed += len(ids)
+
+        # Verify: drafts[i] is checked against the output at verify[i].
+        accepted = 0
+        correction = None
+        targets = torch.argmax(logits[: len(verify)], dim=-1).tolist() if sampling.greedy else None
+        for i, d in enumerate(drafts):
+            if targets is not None:
+                correction = None if targets[i] == d else targets[i]
+            else:
+                correction = accept_rule(logits_to_probs(logits[i], sampling), d, generator)
+            if correction is not None:
+                break
+            accepted += 1
+        if drafts:
+            stats.verify_passes += 1
+            stats.drafts_verified += len(drafts)
+            stats.drafts_accepted += accepted
+        next_y = correction if correction is not None else pick(logits[accepted])
+        if accepted in blocks:
+            row = len(verify) + blocks.index(accepted) * len(block)
+            next_drafts = [int(t) for t in torch.argmax(logits[row:row + len(block)], dim=-1).tolist()]
+        else:
+            next_drafts = []
+        crop_to(base + 1 + accepted)
+        seq += verify[: 1 + accepted]
+        done = stopper.push_all(drafts[:accepted] + [next_y])
+        y, drafts = next_y, next_drafts
+
+    tokens = stopper.tokens
+    # Never leave KV for tokens past what we return (an EOS or stop inside an accepted draft).
+    keep = min(cache.get_seq_length(), len(prompt_ids) + len(tokens))
+    crop_to(keep)
+    stats.new_tokens = len(tokens)
+    stats.wall_ms = (time.perf_counter() - started) * 1e3
+    return Generation(tokens, stopper.finish_reason or "length", stats, (prompt_ids + tokens)[:keep])
