@@ -1,0 +1,61 @@
+"""`sdsat-lsp`: the language server (`--stdio`, `--tcp HOST:PORT`) and the tools around it.
+
+Small on purpose: argparse, logging to stderr (stdout belongs to the LSP stream), and one place
+where a user-facing `SdsatError` becomes a message and a non-zero exit instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .errors import SdsatError
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="compare autoregressive and SDSAT decoding on real code")
+    from . import bench
+
+    bench.add_arguments(p)
+    p.set_defaults(run=bench.main)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdsat-lsp", description=__doc__.splitlines()[0])
+    parser.add_argument("--stdio", action="store_true", help="serve LSP over stdin/stdout (the default)")
+    parser.add_argument("--tcp", metavar="HOST:PORT", help="serve LSP over TCP")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument("--log-file", help="log here instead of stderr")
+    sub = parser.add_subparsers(dest="command")
+    _bench_parser(sub)
+    return parser
+
+
+def _setup_logging(verbose: int, log_file: str | None) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    logging.basicConfig(level=level, handlers=[handler], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.log_file)
+    try:
+        if args.command is None:
+            from .server import serve  # the server module owns start-up and transports
+
+            return serve(args) or 0
+        return args.run(args) or 0
+    except SdsatError as exc:
+        print(f"sdsat-lsp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
