@@ -66,6 +66,8 @@ class DecodeStats:
     new_tokens: int = 0
     prefill_ms: float = 0.0
     wall_ms: float = 0.0
+    # Per decoding pass after the prefill: drafts accepted (-1 for a pass that verified none).
+    accepted_per_pass: list[int] = field(default_factory=list)
 
     @property
     def mean_accepted(self) -> float:
@@ -78,7 +80,7 @@ class DecodeStats:
         return self.new_tokens / self.forward_passes if self.forward_passes else 0.0
 
     def as_dict(self) -> dict:
-        d = dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if k != "accepted_per_pass"}
         d["mean_accepted"] = self.mean_accepted
         d["tokens_per_pass"] = self.tokens_per_pass
         return d
@@ -387,6 +389,7 @@ def generate(
             if correction is not None:
                 break
             accepted += 1
+        stats.accepted_per_pass.append(accepted if drafts else -1)
         if drafts:
             stats.verify_passes += 1
             stats.drafts_verified += len(drafts)
