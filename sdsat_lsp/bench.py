@@ -1,0 +1,194 @@
+"""`sdsat-lsp bench`: autoregressive vs SDSAT (two-pass and fused) on the same prompts, in one
+process, alternating per prompt so that machine noise hits every mode alike; Hugging Face's own
+`generate()` (plain greedy and prompt-lookup decoding) runs beside them as the figure a user would
+get otherwise. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from .errors import SdsatError
+
+log = logging.getLogger(__name__)
+
+SDSAT_MODES = ("two-pass", "fused")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model folder or hub id (default: the embedded model)")
+    p.add_argument("--adaptive-ids", type=_int_list, help="adaptive token id(s), comma-separated (default: the model card's)")
+    p.add_argument("--k", type=int, help="adaptive tokens per draft (default: the model card's)")
+    p.add_argument("--prompts", type=int, default=20, help="number of prompts (default 20)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--source", help="cut prompts from the Python files under this folder (default: the standard library)")
+    p.add_argument("--prompt-chars", type=int, default=1500, help="at most this many characters of context per prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed for cutting prompts")
+    p.add_argument("--quantize", default="auto", help="auto | none | nf4 | int8 | dynamic-int8")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() comparison")
+    p.add_argument("--json", dest="json_path", help="write the results here")
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[int], max_new_tokens: int,
+              with_hf: bool = True, progress=None) -> dict:
+    """Decode every prompt with every mode; return the figures (see `main` for the keys)."""
+    import torch
+
+    from .engine import generate
+
+    model = loaded.model
+    modes = ("ar",) + SDSAT_MODES
+    runs: dict[str, list] = {m: [] for m in modes}
+    hf_runs: dict[str, list] = {"hf-greedy": [], "hf-prompt-lookup": []}
+    eos = model.config.eos_token_id
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+    # Warm-up: first passes pay for allocator growth and lazy initialisation.
+    for mode in modes:
+        generate(model, prompts[0][:32], mode=mode, k=k, adaptive_ids=adaptive_ids, max_new_tokens=8, eos_ids=eos_ids)
+
+    for i, prompt in enumerate(prompts):
+        # Rotate the order so no mode always runs first (caches, turbo, noisy neighbours).
+        order = modes[i % len(modes):] + modes[: i % len(modes)]
+        for mode in order:
+            runs[mode].append(generate(model, prompt, mode=mode, k=k, adaptive_ids=adaptive_ids,
+                                       max_new_tokens=max_new_tokens, eos_ids=eos_ids))
+        if with_hf:
+            for name, extra in (("hf-greedy", {}), ("hf-prompt-lookup", {"prompt_lookup_num_tokens": 10})):
+                hf_runs[name].append(_hf_generate(model, prompt, max_new_tokens, eos_ids, extra))
+        if progress:
+            progress(i + 1, len(prompts))
+
+    ar = runs["ar"]
+    result: dict = {"modes": {}}
+    for mode in modes:
+        gens = runs[mode]
+        new_tokens = sum(g.stats.new_tokens for g in gens)
+        wall_s = sum(g.stats.wall_ms for g in gens) / 1e3
+        passes = sum(g.stats.forward_passes for g in gens)
+        verify = sum(g.stats.verify_passes for g in gens)
+        entry = {
+            "identical": all(g.tokens == a.tokens for g, a in zip(gens, ar)),
+            "tokens": new_tokens,
+            "wall_s": round(wall_s, 4),
+            "tokens_per_s": round(new_tokens / wall_s, 2) if wall_s else 0.0,
+            "forward_passes": passes,
+            "tokens_per_pass": round(new_tokens / passes, 4) if passes else 0.0,
+            "mean_accepted": round(sum(g.stats.drafts_accepted for g in gens) / verify, 4) if verify else 0.0,
+            "speedup": round(_median([a.stats.wall_ms / g.stats.wall_ms for g, a in zip(gens, ar)]), 4),
+            "median_ms": round(_median([g.stats.wall_ms for g in gens]), 2),
+        }
+        result["modes"][mode] = entry
+    for name, outs in hf_runs.items():
+        if not outs:
+            continue
+        tokens = sum(len(o[0]) for o in outs)
+        wall_s = sum(o[1] for o in outs) / 1e3
+        result["modes"][name] = {
+            "identical": all(o[0] == a.tokens for o, a in zip(outs, ar)),
+            "tokens": tokens,
+            "wall_s": round(wall_s, 4),
+            "tokens_per_s": round(tokens / wall_s, 2) if wall_s else 0.0,
+            "speedup": round(_median([a.stats.wall_ms / o[1] for o, a in zip(outs, ar)]), 4),
+            "median_ms": round(_median([o[1] for o in outs]), 2),
+        }
+    best = max(SDSAT_MODES, key=lambda m: result["modes"][m]["speedup"])
+    result.update(
+        identical=all(result["modes"][m]["identical"] for m in SDSAT_MODES),
+        best_mode=best,
+        speedup=result["modes"][best]["speedup"],
+        tokens_per_pass=result["modes"][best]["tokens_per_pass"],
+        mean_accepted=result["modes"][best]["mean_accepted"],
+        ar_tokens_per_s=result["modes"]["ar"]["tokens_per_s"],
+        sdsat_tokens_per_s=result["modes"][best]["tokens_per_s"],
+    )
+    return result
+
+
+def _hf_generate(model, prompt: list[int], max_new_tokens: int, eos_ids: list[int], extra: dict):
+    """(tokens without the prompt and without a final EOS, wall ms) from transformers' generate()."""
+    import torch
+
+    device = model.get_input_embeddings().weight.device
+    input_ids = torch.tensor([prompt], device=device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos_ids or None, pad_token_id=(eos_ids or [0])[0], **extra)
+    wall_ms = (time.perf_counter() - started) * 1e3
+    tokens = out[0, len(prompt):].tolist()
+    if tokens and tokens[-1] in eos_ids:
+        tokens = tokens[:-1]
+    return tokens, wall_ms
+
+
+def format_table(result: dict) -> str:
+    header = f"{'mode':<18}{'identical':>10}{'tok/s':>10}{'tok/pass':>10}{'accepted':>10}{'median ms':>11}{'speedup':>9}"
+    lines = [header, "-" * len(header)]
+    for mode, e in result["modes"].items():
+        lines.append(
+            f"{mode:<18}{str(e['identical']):>10}{e['tokens_per_s']:>10.1f}{e.get('tokens_per_pass', float('nan')):>10.2f}"
+            f"{e.get('mean_accepted', float('nan')):>10.2f}{e['median_ms']:>11.1f}{e['speedup']:>8.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    from .corpus import cut_prompts
+    from .embedded import resolve_model
+
+    if args.k is not None and args.k < 1:
+        raise SdsatError(f"--k must be at least 1 (got {args.k})")
+    if args.prompts < 1 or args.max_new_tokens < 1:
+        raise SdsatError("--prompts and --max-new-tokens must be at least 1")
+    loaded = resolve_model(args.model, quantize=args.quantize, device=args.device, dtype=args.dtype,
+                           adaptive_ids=args.adaptive_ids, k=args.k)
+    k = args.k or loaded.card.k
+    adaptive_ids = args.adaptive_ids or loaded.card.adaptive_ids
+    from .engine import check_settings, context_length
+
+    check_settings(loaded.model, k, adaptive_ids, "fused")
+    texts = cut_prompts(args.prompts, source=args.source, seed=args.seed, max_chars=args.prompt_chars)
+    prompts = [loaded.tokenizer(p.text)["input_ids"] for p in texts]
+    ctx = context_length(loaded.model)
+    too_long = [len(p) for p in prompts if len(p) + args.max_new_tokens > ctx]
+    if too_long:
+        raise SdsatError(f"a prompt of {max(too_long)} tokens plus --max-new-tokens {args.max_new_tokens} exceeds the "
+                         f"model's context of {ctx}; lower --prompt-chars or --max-new-tokens")
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r  prompt {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    print(f"model {loaded.ref} ({loaded.quantize}, {loaded.dtype}, {loaded.device}); k={k}; "
+          f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each", file=sys.stderr)
+    result = run_bench(loaded, prompts, k=k, adaptive_ids=list(adaptive_ids), max_new_tokens=args.max_new_tokens,
+                       with_hf=not args.no_hf, progress=progress)
+    print(file=sys.stderr)
+    result.update(k=k, adaptive_ids=list(adaptive_ids), model=str(loaded.ref), device=loaded.device,
+                  quantize=loaded.quantize, dtype=loaded.dtype, prompts=len(prompts), max_new_tokens=args.max_new_tokens,
+                  source=args.source or "stdlib")
+    print(format_table(result))
+    print(f"identical: {result['identical']}  speedup ({result['best_mode']}): {result['speedup']:.2f}x  "
+          f"tokens/pass: {result['tokens_per_pass']:.2f}  mean accepted: {result['mean_accepted']:.2f}")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if result["identical"] else 1

@@ -1,0 +1,217 @@
+"""SDSAT decoding must be token-for-token identical to plain greedy decoding, in every scheme, for
+every k, and wherever generation stops (EOS, length, stop string) relative to an accepted draft."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from sdsat_lsp.engine import generate
+from sdsat_lsp.errors import SdsatError
+
+SDSAT_MODES = ("two-pass", "fused")
+
+
+def ar(model, prompt, **kw):
+    return generate(model, prompt, mode="ar", **kw)
+
+
+def accepted_draft_indices(stats) -> list[int]:
+    """Output indices of tokens that were accepted drafts (emitted without a pass of their own)."""
+    indices, position = [], 1  # output[0] comes from the prefill
+    for accepted in stats.accepted_per_pass:
+        n = max(accepted, 0)
+        indices += range(position, position + n)
+        position += n + 1
+    return indices
+
+
+@pytest.mark.parametrize("mode", SDSAT_MODES)
+def test_identical_to_greedy_for_every_k(sdsat_micro, code_prompts, mode):
+    model, _, adaptive = sdsat_micro
+    total_accepted = 0
+    for prompt in code_prompts[:3]:
+        expected = ar(model, prompt, max_new_tokens=48, eos_ids=[]).tokens
+        for k in range(1, 14):
+            got = generate(model, prompt, mode=mode, k=k, adaptive_ids=[adaptive], max_new_tokens=48, eos_ids=[])
+            assert got.tokens == expected, (mode, k)
+            assert got.finish_reason == "length"
+            total_accepted += got.stats.drafts_accepted
+    # The identity must have been tested on accepted drafts, not only on rejections.
+    assert total_accepted > 100
+
+
+def test_distinct_adaptive_ids_list(sdsat_micro, code_prompts):
+    """A list of k ids (the reference's older default) works as well as one id repeated."""
+    model, _, adaptive = sdsat_micro
+    prompt = code_prompts[0]
+    expected = ar(model, prompt, max_new_tokens=32, eos_ids=[]).tokens
+    ids = [adaptive, 5, 6, 7, 8]
+    for mode in SDSAT_MODES:
+        assert generate(model, prompt, mode=mode, k=5, adaptive_ids=ids, max_new_tokens=32, eos_ids=[]).tokens == expected
+
+
+def test_prompt_ending_mid_token(sdsat_micro):
+    model, tokenizer, adaptive = sdsat_micro
+    text = "import os\n\n\ndef read_config(path):\n    with open(path) as handle:\n        return handle.rea"
+    prompt = tokenizer(text)["input_ids"]
+    expected = ar(model, prompt, max_new_tokens=40, eos_ids=[]).tokens
+    for mode in SDSAT_MODES:
+        for k in (1, 4, 7):
+            got = generate(model, prompt, mode=mode, k=k, adaptive_ids=[adaptive], max_new_tokens=40, eos_ids=[])
+            assert got.tokens == expected
+
+
+def _find_inner_draft(model, prompts, adaptive, mode, k=5, usable=lambda tokens, i: True):
+    """A (prompt, sdsat tokens, index) where output[index] was an accepted draft (so the same pass
+    emitted more tokens after it, which a stop there must discard) and `usable` holds."""
+    for prompt in prompts:
+        got = generate(model, prompt, mode=mode, k=k, adaptive_ids=[adaptive], max_new_tokens=64, eos_ids=[])
+        for i in accepted_draft_indices(got.stats):
+            if i < len(got.tokens) and usable(got.tokens, i):
+                return prompt, got.tokens, i
+    pytest.fail("no usable accepted draft found; train the micro model longer")
+
+
+@pytest.mark.parametrize("mode", SDSAT_MODES)
+def test_eos_inside_accepted_draft(sdsat_micro, code_prompts, mode):
+    model, _, adaptive = sdsat_micro
+    # Use as EOS a token whose first appearance is the middle of an accepted draft run.
+    prompt, tokens, i = _find_inner_draft(model, code_prompts, adaptive, mode, usable=lambda t, i: t[i] not in t[:i])
+    eos = [tokens[i]]
+    expected = ar(model, prompt, max_new_tokens=64, eos_ids=eos)
+    got = generate(model, prompt, mode=mode, k=5, adaptive_ids=[adaptive], max_new_tokens=64, eos_ids=eos)
+    assert expected.tokens == tokens[:i] and expected.finish_reason == "eos"
+    assert got.tokens == expected.tokens and got.finish_reason == "eos"
+    assert len(got.cache_ids) <= len(prompt) + len(got.tokens)
+
+
+@pytest.mark.parametrize("mode", SDSAT_MODES)
+def test_max_new_tokens_inside_accepted_draft(sdsat_micro, code_prompts, mode):
+    model, _, adaptive = sdsat_micro
+    prompt, tokens, i = _find_inner_draft(model, code_prompts, adaptive, mode)
+    # The limit falls on output[i], an accepted draft: what the pass emitted after it is dropped.
+    expected = ar(model, prompt, max_new_tokens=i + 1, eos_ids=[])
+    got = generate(model, prompt, mode=mode, k=5, adaptive_ids=[adaptive], max_new_tokens=i + 1, eos_ids=[])
+    assert expected.tokens == tokens[: i + 1]
+    assert got.tokens == expected.tokens and got.finish_reason == "length"
+
+
+@pytest.mark.parametrize("mode", SDSAT_MODES)
+def test_stop_string_inside_accepted_draft(sdsat_micro, code_prompts, mode):
+    model, tokenizer, adaptive = sdsat_micro
+
+    def decode(ids):
+        return tokenizer.decode(ids)
+
+    def first_completes_here(tokens, i):
+        piece = decode([tokens[i]]).strip()
+        return len(piece) >= 1 and piece not in decode(tokens[:i]) and piece in decode(tokens[: i + 1])
+
+    prompt, tokens, i = _find_inner_draft(model, code_prompts, adaptive, mode, usable=first_completes_here)
+    stop = [decode([tokens[i]]).strip()]
+    expected = ar(model, prompt, max_new_tokens=64, eos_ids=[], stop_strings=stop, decode=decode)
+    got = generate(model, prompt, mode=mode, k=5, adaptive_ids=[adaptive], max_new_tokens=64, eos_ids=[],
+                   stop_strings=stop, decode=decode)
+    assert expected.finish_reason == "stop" and expected.tokens == tokens[: i + 1]
+    assert got.tokens == expected.tokens and got.finish_reason == "stop"
+
+
+def test_fused_saves_passes(sdsat_micro, code_prompts):
+    """The fused step yields 1 + accepted tokens per pass; two-pass at most (k + 2) / 2."""
+    model, _, adaptive = sdsat_micro
+    passes = {}
+    for mode in ("ar",) + SDSAT_MODES:
+        passes[mode] = sum(
+            generate(model, p, mode=mode, k=5, adaptive_ids=[adaptive], max_new_tokens=48, eos_ids=[]).stats.forward_passes
+            for p in code_prompts
+        )
+    assert passes["fused"] < passes["two-pass"] < passes["ar"]
+
+
+def test_cache_reuse_gives_same_output_and_keeps_continuation(sdsat_micro, code_prompts):
+    model, _, adaptive = sdsat_micro
+    prompt = code_prompts[1]
+    fresh = generate(model, prompt, k=5, adaptive_ids=[adaptive], max_new_tokens=30, eos_ids=[])
+    cache = DynamicCache(config=model.config)
+    half = generate(model, prompt[: len(prompt) // 2], mode="ar", max_new_tokens=1, eos_ids=[], cache=cache)
+    assert cache.get_seq_length() == len(half.cache_ids)
+    # The cache holds a prefix of `prompt` (plus one generated token, which may differ: crop it).
+    common = 0
+    while common < len(half.cache_ids) and half.cache_ids[common] == prompt[common]:
+        common += 1
+    cache.crop(common - cache.get_seq_length())
+    reused = generate(model, prompt, k=5, adaptive_ids=[adaptive], max_new_tokens=30, eos_ids=[], cache=cache)
+    assert reused.tokens == fresh.tokens
+    assert reused.stats.reused_tokens == common and reused.stats.prefill_tokens == len(prompt) - common
+    # The cache now holds prompt + continuation; accepting the suggestion is a cache hit.
+    assert reused.cache_ids == (prompt + reused.tokens)[: cache.get_seq_length()]
+    assert cache.get_seq_length() >= len(prompt) + len(reused.tokens) - 1
+    again = generate(model, prompt + reused.tokens, mode="ar", max_new_tokens=5, eos_ids=[], cache=cache)
+    assert again.stats.prefill_tokens <= 2
+    assert again.tokens == ar(model, prompt + reused.tokens, max_new_tokens=5, eos_ids=[]).tokens
+
+
+def test_cached_logits_match_uncached(sdsat_micro, code_prompts):
+    """What the engine leaves in the cache is the KV of exactly `cache_ids`."""
+    model, _, adaptive = sdsat_micro
+    cache = DynamicCache(config=model.config)
+    out = generate(model, code_prompts[2], k=4, adaptive_ids=[adaptive], max_new_tokens=20, eos_ids=[], cache=cache)
+    probe = [out.tokens[-1]]
+    with torch.inference_mode():
+        cached = model(input_ids=torch.tensor([probe]), cache=cache, use_cache=True).logits[0, -1]
+        full = model(input_ids=torch.tensor([out.cache_ids + probe])).logits[0, -1]
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+
+
+def test_cancellation_between_passes(sdsat_micro, code_prompts):
+    model, _, adaptive = sdsat_micro
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 3
+
+    out = generate(model, code_prompts[0], k=5, adaptive_ids=[adaptive], max_new_tokens=64, eos_ids=[], cancel=cancel)
+    assert out.finish_reason == "cancelled"
+    assert out.stats.forward_passes == 3
+    full = generate(model, code_prompts[0], k=5, adaptive_ids=[adaptive], max_new_tokens=64, eos_ids=[])
+    assert out.tokens == full.tokens[: len(out.tokens)]
+
+
+def test_deadline_stops_at_newline(sdsat_micro, code_prompts):
+    model, tokenizer, adaptive = sdsat_micro
+    out = generate(model, code_prompts[0], k=5, adaptive_ids=[adaptive], max_new_tokens=64, eos_ids=[],
+                   decode=tokenizer.decode, deadline=0.0)
+    text = tokenizer.decode(out.tokens)
+    if out.finish_reason == "budget":
+        assert "\n" in tokenizer.decode(out.tokens[-1:]) and text.count("\n") == tokenizer.decode(out.tokens[-1:]).count("\n")
+    else:  # the whole output holds no newline
+        assert out.finish_reason == "length" and "\n" not in text
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_identity_in_half_precision(sdsat_micro, code_prompts, dtype):
+    import copy
+
+    model, _, adaptive = sdsat_micro
+    half = copy.deepcopy(model).to(dtype)
+    for prompt in code_prompts[:3]:
+        expected = ar(half, prompt, max_new_tokens=32, eos_ids=[]).tokens
+        for mode in SDSAT_MODES:
+            assert generate(half, prompt, mode=mode, k=5, adaptive_ids=[adaptive], max_new_tokens=32, eos_ids=[]).tokens == expected
+
+
+def test_bad_settings_raise_clear_errors(sdsat_micro):
+    model, _, adaptive = sdsat_micro
+    with pytest.raises(SdsatError, match="k must be at least 1"):
+        generate(model, [5, 6, 7], k=0, adaptive_ids=[adaptive])
+    with pytest.raises(SdsatError, match="outside the model's vocabulary"):
+        generate(model, [5, 6, 7], k=3, adaptive_ids=[10**6])
+    with pytest.raises(SdsatError, match="context"):
+        generate(model, [5] * (model.config.max_position_embeddings + 1), k=3, adaptive_ids=[adaptive])
+    with pytest.raises(SdsatError, match="no adaptive token"):
+        generate(model, [5, 6, 7], k=3, adaptive_ids=[])
+    with pytest.raises(SdsatError, match="unknown decoding mode"):
+        generate(model, [5, 6, 7], mode="beam", k=3, adaptive_ids=[adaptive])
