@@ -106,3 +106,13 @@ def cut_prompts(
             continue
         prompts.append(CodePrompt(path=str(path), line=text.count("\n", 0, cut) + 1, text=body))
     return prompts
+
+
+def token_stream(tokenizer, files: list[Path]) -> list[int]:
+    """The files' token ids, one after another, each followed by EOS (a document boundary)."""
+    stream: list[int] = []
+    for path in files:
+        text = read_text(path)
+        if text:
+            stream += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    return stream

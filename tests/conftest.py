@@ -12,39 +12,34 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def code_tokenizer():
+def micro_bundle():
+    """(model, tokenizer, token stream) from `tinymodel.train_micro`: a micro Llama (GQA) trained
+    ~15 s with the SDSAT recipe on 10 standard-library files, so that its drafts are often accepted
+    and identity tests exercise acceptance, EOS and limits inside accepted drafts."""
+    from sdsat_lsp.tinymodel import train_micro
+
+    return train_micro()
+
+
+@pytest.fixture(scope="session")
+def code_tokenizer(micro_bundle):
     """A byte-level BPE tokenizer (vocab 512) trained on standard-library code."""
-    from sdsat_lsp.tinymodel import train_tokenizer
-
-    return train_tokenizer(vocab_size=512, max_files=60)
+    return micro_bundle[1]
 
 
 @pytest.fixture(scope="session")
-def code_stream(code_tokenizer):
-    """Token ids of 10 standard-library files (~42k tokens), EOS-separated: small enough that a
-    micro model learns it well in seconds, which is what makes its drafts get accepted."""
-    from sdsat_lsp.corpus import python_files, read_text
-
-    stream: list[int] = []
-    for path in python_files()[::40][:10]:
-        text = read_text(path)
-        if text:
-            stream += code_tokenizer(text)["input_ids"] + [code_tokenizer.eos_token_id]
-    return stream
+def code_stream(micro_bundle):
+    """Token ids of the micro model's training files, EOS-separated."""
+    return micro_bundle[2]
 
 
 @pytest.fixture(scope="session")
-def sdsat_micro(code_tokenizer, code_stream):
-    """A micro Llama (GQA) trained ~12 s with the SDSAT recipe, so drafts are often accepted:
-    identity tests then exercise acceptance, EOS and limits inside accepted drafts.
-    Returns (model, tokenizer, adaptive_id)."""
-    from sdsat_lsp.tinymodel import ADAPTIVE_TOKEN, build_tiny_model
-    from sdsat_lsp.train import train_steps
+def sdsat_micro(micro_bundle):
+    """(model, tokenizer, adaptive_id) of the micro SDSAT model."""
+    from sdsat_lsp.tinymodel import ADAPTIVE_TOKEN
 
-    model = build_tiny_model(code_tokenizer, seed=0)
-    adaptive_id = code_tokenizer.convert_tokens_to_ids(ADAPTIVE_TOKEN)
-    train_steps(model, code_stream, [adaptive_id], steps=300, seq_len=128, batch_size=8, max_block=5, blocks_per_row=8, lr=5e-3)
-    return model, code_tokenizer, adaptive_id
+    model, tokenizer, _ = micro_bundle
+    return model, tokenizer, tokenizer.convert_tokens_to_ids(ADAPTIVE_TOKEN)
 
 
 @pytest.fixture(scope="session")
