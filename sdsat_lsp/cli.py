@@ -22,6 +22,14 @@ def _bench_parser(sub) -> None:
     p.set_defaults(run=bench.main)
 
 
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="SDSAT fine-tuning (or training from scratch) with checkpoints and resume")
+    from . import train
+
+    train.add_arguments(p)
+    p.set_defaults(run=train.main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdsat-lsp", description=__doc__.splitlines()[0])
     parser.add_argument("--stdio", action="store_true", help="serve LSP over stdin/stdout (the default)")
@@ -30,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-file", help="log here instead of stderr")
     sub = parser.add_subparsers(dest="command")
     _bench_parser(sub)
+    _train_parser(sub)
     return parser
 
 

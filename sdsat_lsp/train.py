@@ -17,13 +17,20 @@ teaches the drafts.
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import random
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -137,3 +144,258 @@ def train_steps(
             log(step, real.item(), adaptive.item())
     model.eval()
     return real.item(), adaptive.item()
+
+
+# ----------------------------------------------------------------------------------------------
+# `sdsat-lsp train`: the whole recipe with data, checkpoints, resume and a final evaluation.
+# One code path serves a micro model on CPU and CodeLlama on a GPU: only the flags differ.
+
+# Sizes for models trained from scratch (GQA throughout, like the Llama family we serve).
+ARCHS = {
+    "micro": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4),
+    "base": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2),
+}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", required=True, help="output folder (checkpoints, final model, report); resumes if it holds a checkpoint")
+    p.add_argument("--init", help="model folder or hub id to fine-tune (default: train a new model from scratch)")
+    p.add_argument("--arch", choices=sorted(ARCHS), default="small", help="size of a model trained from scratch")
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer size for a model trained from scratch")
+    p.add_argument("--context", type=int, default=2048, help="context length of a model trained from scratch")
+    p.add_argument("--peft", choices=["auto", "lora", "none"], default="auto",
+                   help="lora: adapters plus the adaptive-token embedding (the default with --init); none: all weights")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--adaptive-id", type=int, help="adaptive token id (default: the card's, else a new special token)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-block", type=int, default=5, help="L: adaptive tokens per block (trains every k <= L)")
+    p.add_argument("--blocks-per-row", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None, help="default 3e-3 from scratch, 5e-4 for lora")
+    p.add_argument("--adaptive-weight", type=float, default=1.0, help="loss = real + w * adaptive")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--source", help="train on the Python files under this folder (default: the standard library)")
+    p.add_argument("--eval-prompts", type=int, default=20, help="held-out prompts for the acceptance evaluation")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def _held_out_split(source):
+    from .corpus import is_held_out, python_files, stdlib_dir
+
+    root = Path(source) if source else stdlib_dir()
+    files = python_files(root)
+    train = [f for f in files if not is_held_out(f, root)]
+    held = [f for f in files if is_held_out(f, root)]
+    return root, train, held
+
+
+def _prepare_data(args, out: Path, tokenizer):
+    """Token streams for training and held-out files, cached in `out` (tokenizing takes a while)."""
+    from .corpus import file_list_hash, token_stream
+
+    cache = out / "data.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=True)
+    root, train_files, held_files = _held_out_split(args.source)
+    log.info("tokenizing %d training and %d held-out files", len(train_files), len(held_files))
+    data = {
+        "train": torch.tensor(token_stream(tokenizer, train_files), dtype=torch.int32),
+        "held": torch.tensor(token_stream(tokenizer, held_files), dtype=torch.int32),
+        "files_hash": file_list_hash(train_files + held_files, root),
+        "held_files": [str(f.relative_to(root)) for f in held_files],
+    }
+    torch.save(data, cache)
+    return data
+
+
+def _new_model(args, out: Path):
+    """A fresh tokenizer and model for training from scratch (saved at once so resume finds them)."""
+    from .tinymodel import ADAPTIVE_TOKEN, build_tiny_model, train_tokenizer
+
+    tok_dir = out / "tokenizer"
+    if tok_dir.exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    else:
+        tokenizer = train_tokenizer(vocab_size=args.vocab_size, max_files=10**6, source=args.source)
+        tokenizer.save_pretrained(tok_dir)
+    model = build_tiny_model(tokenizer, seed=args.seed, max_position_embeddings=args.context, **ARCHS[args.arch])
+    return model, tokenizer, [tokenizer.convert_tokens_to_ids(ADAPTIVE_TOKEN)]
+
+
+def _pretrained_model(args):
+    from .model import load_model
+    from .tinymodel import ADAPTIVE_TOKEN
+
+    loaded = load_model(args.init, quantize="none", dtype="float32")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if args.adaptive_id is not None:
+        ids = [args.adaptive_id]
+    elif loaded.card.adaptive_ids:
+        ids = loaded.card.adaptive_ids[:1]
+    else:  # a new special token; its embedding row is trained
+        tokenizer.add_special_tokens({"additional_special_tokens": [ADAPTIVE_TOKEN]})
+        model.resize_token_embeddings(len(tokenizer))
+        ids = [tokenizer.convert_tokens_to_ids(ADAPTIVE_TOKEN)]
+    return model, tokenizer, ids
+
+
+def _wrap_lora(model, adaptive_ids, rank):
+    """LoRA adapters on every projection plus a trainable row for each adaptive token (peft's
+    trainable_token_indices), so what makes a model SDSAT-capable ships as a small delta."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        trainable_token_indices={"embed_tokens": sorted(set(adaptive_ids))},
+    )
+    return get_peft_model(model, config)
+
+
+def heldout_real_loss(model, held: torch.Tensor, seq_len: int, windows: int = 32) -> float:
+    """Mean next-token loss on real tokens over fixed held-out windows (no adaptive tokens)."""
+    device = model.get_input_embeddings().weight.device
+    step = max(seq_len, (len(held) - seq_len - 1) // windows)
+    losses = []
+    with torch.inference_mode():
+        for start in range(0, len(held) - seq_len - 1, step)[:windows]:
+            x = held[start : start + seq_len + 1].long()[None].to(device)
+            logits = model(input_ids=x[:, :-1]).logits.float()
+            losses.append(F.cross_entropy(logits[0], x[0, 1:]).item())
+    return sum(losses) / len(losses)
+
+
+def acceptance_by_k(model, held: torch.Tensor, adaptive_ids: list[int], max_k: int, prompts: int = 20,
+                    max_new_tokens: int = 48, prompt_len: int = 192) -> dict[int, float]:
+    """Mean accepted drafts per verifying pass (fused mode) on held-out prompts, for k = 1..max_k."""
+    from .engine import generate
+
+    rng = random.Random(1)
+    starts = [rng.randrange(0, len(held) - prompt_len - 1) for _ in range(prompts)]
+    result = {}
+    for k in range(1, max_k + 1):
+        accepted = passes = 0
+        for s in starts:
+            g = generate(model, held[s : s + prompt_len].tolist(), mode="fused", k=k, adaptive_ids=adaptive_ids,
+                         max_new_tokens=max_new_tokens, eos_ids=[])
+            accepted += g.stats.drafts_accepted
+            passes += g.stats.verify_passes
+        result[k] = round(accepted / max(1, passes), 4)
+    return result
+
+
+def _save_checkpoint(path: Path, model, opt, sched, step: int, rng: random.Random) -> None:
+    tmp = path.with_suffix(".tmp")
+    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"step": step, "trainable": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
+    tmp.replace(path)  # atomic: a kill mid-save leaves the previous checkpoint intact
+
+
+def run_training(args) -> dict:
+    from tqdm import tqdm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.txt").write_text("sdsat-lsp train " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:]) + "\n")
+    from_scratch = args.init is None
+    model, tokenizer, adaptive_ids = _new_model(args, out) if from_scratch else _pretrained_model(args)
+    peft_mode = args.peft if args.peft != "auto" else ("none" if from_scratch else "lora")
+    data = _prepare_data(args, out, tokenizer)
+    train_stream, held = data["train"], data["held"]
+    lr = args.lr or (3e-3 if peft_mode == "none" else 5e-4)
+    log.info("train tokens %d, held-out tokens %d, adaptive ids %s", len(train_stream), len(held), adaptive_ids)
+
+    report_path = out / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    if "before" not in report:
+        model.eval()
+        report["before"] = {"heldout_real_loss": heldout_real_loss(model, held, args.seq_len),
+                            "mean_accepted_by_k": acceptance_by_k(model, held, adaptive_ids, args.max_block, args.eval_prompts)}
+        report_path.write_text(json.dumps(report, indent=2))
+    if peft_mode == "lora":
+        model = _wrap_lora(model, adaptive_ids, args.lora_rank)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    warmup = min(100, args.steps // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
+    rng = random.Random(args.seed)
+    torch.manual_seed(args.seed)
+    start_step = 0
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                named[name].copy_(value)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step = state["step"]
+        log.info("resumed from step %d", start_step)
+
+    stream = train_stream.tolist()
+    model.train()
+    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="sdsat train",
+               file=sys.stderr, dynamic_ncols=True)
+    started, tokens_seen = time.perf_counter(), 0
+    for step in bar:
+        tokens = token_chunks(stream, args.seq_len, rng, args.batch_size)
+        batch = make_sdsat_batch(tokens, adaptive_ids, args.max_block, args.blocks_per_row, rng)
+        real, adaptive = sdsat_losses(model, batch)
+        loss = real + args.adaptive_weight * adaptive
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        tokens_seen += tokens.numel()
+        bar.set_postfix(real=f"{real.item():.3f}", adaptive=f"{adaptive.item():.3f}",
+                        tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
+            _save_checkpoint(ckpt, model, opt, sched, step + 1, rng)
+            with (out / "log.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step + 1, "real": real.item(), "adaptive": adaptive.item(),
+                                    "lr": sched.get_last_lr()[0], "time": time.time()}) + "\n")
+    model.eval()
+    final_dir = out / "model"
+    _save_final(model, tokenizer, adaptive_ids, args, final_dir, peft_mode)
+    report["after"] = {"heldout_real_loss": heldout_real_loss(model, held, args.seq_len),
+                       "mean_accepted_by_k": acceptance_by_k(model, held, adaptive_ids, args.max_block, args.eval_prompts)}
+    report.update(files_hash=data["files_hash"], held_out_files=len(data["held_files"]), train_tokens=len(stream),
+                  held_tokens=len(held), steps=args.steps, seed=args.seed, peft=peft_mode, lr=lr,
+                  loss_mix=f"real + {args.adaptive_weight} * adaptive", adaptive_ids=adaptive_ids)
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _save_final(model, tokenizer, adaptive_ids, args, folder: Path, peft_mode: str) -> None:
+    from .modelcard import ModelCard, write_model_card
+    from .tinymodel import FIM_TOKENS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if peft_mode == "lora":
+        model.save_pretrained(folder / "sdsat-delta")  # the small delta: adapters + adaptive rows
+        model = model.merge_and_unload()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    vocab = tokenizer.get_vocab()
+    fim = {role: vocab[tok] for role, tok in FIM_TOKENS.items() if tok in vocab}
+    write_model_card(folder, ModelCard(adaptive_ids=list(adaptive_ids), k=args.max_block, fim=fim,
+                                       context_length=model.config.max_position_embeddings))
+
+
+def main(args) -> int:
+    report = run_training(args)
+    print(json.dumps({k: report[k] for k in ("before", "after")}, indent=2))
+    return 0
