@@ -61,3 +61,26 @@ def code_prompts(code_stream):
         start = rng.randrange(0, len(code_stream) - length)
         prompts.append(code_stream[start : start + length])
     return prompts
+
+
+# ---- a tiny random model for the kvcache / prompt / server tests (fast: no training) ----------
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """(model, tokenizer, adaptive_id): a random 2-layer GQA Llama (init_std 0.2, so that its greedy
+    output varies with the prompt) over a 512-token BPE trained on 30 standard-library files."""
+    from sdsat_lsp.tinymodel import ADAPTIVE_TOKEN, build_tiny_model, train_tokenizer
+
+    tokenizer = train_tokenizer(vocab_size=512, max_files=30)
+    model = build_tiny_model(tokenizer, seed=0, init_std=0.2)
+    return model, tokenizer, tokenizer.convert_tokens_to_ids(ADAPTIVE_TOKEN)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_lm, tmp_path_factory):
+    """`tiny_lm` saved as a model folder (safetensors, tokenizer, sdsat.json with FIM ids)."""
+    from sdsat_lsp.tinymodel import save_tiny
+
+    model, tokenizer, _ = tiny_lm
+    return save_tiny(model, tokenizer, tmp_path_factory.mktemp("tiny"), k=4)
