@@ -177,6 +177,7 @@ def add_arguments(p) -> None:
     p.add_argument("--adaptive-weight", type=float, default=1.0, help="loss = real + w * adaptive")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--stop-after", type=int, help="checkpoint and stop after this many steps in this run (train in chunks)")
     p.add_argument("--source", help="train on the Python files under this folder (default: the standard library)")
     p.add_argument("--eval-prompts", type=int, default=20, help="held-out prompts for the acceptance evaluation")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -349,7 +350,13 @@ def run_training(args) -> dict:
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="sdsat train",
                file=sys.stderr, dynamic_ncols=True)
     started, tokens_seen = time.perf_counter(), 0
+    stop_at = min(args.steps, start_step + args.stop_after) if args.stop_after else args.steps
     for step in bar:
+        if step >= stop_at:
+            bar.close()
+            _save_checkpoint(ckpt, model, opt, sched, step, rng)
+            log.info("stopped after step %d of %d; run the same command again to resume", step, args.steps)
+            return report
         tokens = token_chunks(stream, args.seq_len, rng, args.batch_size)
         batch = make_sdsat_batch(tokens, adaptive_ids, args.max_block, args.blocks_per_row, rng)
         real, adaptive = sdsat_losses(model, batch)
@@ -364,6 +371,9 @@ def run_training(args) -> dict:
                         tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
             _save_checkpoint(ckpt, model, opt, sched, step + 1, rng)
+            if peft_mode == "none":  # a usable snapshot at every checkpoint (long runs end without warning)
+                _save_final(model, tokenizer, adaptive_ids, args, out / "snapshot", peft_mode)
+                model.train()
             with (out / "log.jsonl").open("a") as f:
                 f.write(json.dumps({"step": step + 1, "real": real.item(), "adaptive": adaptive.item(),
                                     "lr": sched.get_last_lr()[0], "time": time.time()}) + "\n")
@@ -381,7 +391,6 @@ def run_training(args) -> dict:
 
 def _save_final(model, tokenizer, adaptive_ids, args, folder: Path, peft_mode: str) -> None:
     from .modelcard import ModelCard, write_model_card
-    from .tinymodel import FIM_TOKENS
 
     folder.mkdir(parents=True, exist_ok=True)
     if peft_mode == "lora":
@@ -389,13 +398,17 @@ def _save_final(model, tokenizer, adaptive_ids, args, folder: Path, peft_mode: s
         model = model.merge_and_unload()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    vocab = tokenizer.get_vocab()
-    fim = {role: vocab[tok] for role, tok in FIM_TOKENS.items() if tok in vocab}
+    # FIM ids are written only for a model that already infills (its own card says so): this recipe
+    # does not train infilling, and a server would otherwise build prompts the model never saw.
+    from .modelcard import read_model_card
+
+    init_card = read_model_card(args.init) if args.init else None
+    fim = dict(init_card.fim) if init_card else {}
     write_model_card(folder, ModelCard(adaptive_ids=list(adaptive_ids), k=args.max_block, fim=fim,
                                        context_length=model.config.max_position_embeddings))
 
 
 def main(args) -> int:
     report = run_training(args)
-    print(json.dumps({k: report[k] for k in ("before", "after")}, indent=2))
+    print(json.dumps({k: report[k] for k in ("before", "after") if k in report}, indent=2))
     return 0
