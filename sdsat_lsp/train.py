@@ -316,6 +316,8 @@ def run_training(args) -> dict:
 
     report_path = out / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    if "before" not in report and from_scratch:
+        report["before"] = {"note": "trained from scratch: the starting point is random weights"}
     if "before" not in report:
         model.eval()
         report["before"] = {"heldout_real_loss": heldout_real_loss(model, held, args.seq_len),
