@@ -30,15 +30,23 @@ def _train_parser(sub) -> None:
     p.set_defaults(run=train.main)
 
 
-def build_parser() -> argparse.ArgumentParser:
+TOOLS = ("bench", "train")
+
+
+def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdsat-lsp", description=__doc__.splitlines()[0])
     parser.add_argument("--stdio", action="store_true", help="serve LSP over stdin/stdout (the default)")
     parser.add_argument("--tcp", metavar="HOST:PORT", help="serve LSP over TCP")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     parser.add_argument("--log-file", help="log here instead of stderr")
+    # Server start-up settings (initializationOptions from the editor override them).
+    parser.add_argument("--model", help="server: model folder or hub id (default: the embedded model)")
+    parser.add_argument("--quantize", help="server: auto | none | nf4 | int8 | dynamic-int8")
+    parser.add_argument("--device", help="server: auto | cpu | cuda | cuda:N")
     sub = parser.add_subparsers(dest="command")
-    _bench_parser(sub)
-    _train_parser(sub)
+    if tools:
+        _bench_parser(sub)
+        _train_parser(sub)
     return parser
 
 
@@ -50,7 +58,11 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The server must answer `initialize` within a second; the tools' parsers import torch (~3-8 s),
+    # so serving builds the parser without them.
+    serving = not any(a in TOOLS or a in ("-h", "--help") for a in argv)
+    parser = build_parser(tools=not serving)
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.log_file)
     try:

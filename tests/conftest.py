@@ -69,11 +69,19 @@ def code_prompts(code_stream):
 @pytest.fixture(scope="session")
 def tiny_lm():
     """(model, tokenizer, adaptive_id): a random 2-layer GQA Llama (init_std 0.2, so that its greedy
-    output varies with the prompt) over a 512-token BPE trained on 30 standard-library files."""
+    output varies with the prompt) over a 512-token BPE trained on 30 standard-library files; it
+    never predicts EOS."""
     from sdsat_lsp.tinymodel import ADAPTIVE_TOKEN, build_tiny_model, train_tokenizer
+
+    import torch
 
     tokenizer = train_tokenizer(vocab_size=512, max_files=30)
     model = build_tiny_model(tokenizer, seed=0, init_std=0.2)
+    with torch.no_grad():
+        # EOS gets logit 0 while the largest of the other 511 random logits is far above 0: the
+        # model never ends a generation by itself, so tests control length (cancel tests need
+        # generations that run for seconds).
+        model.lm_head.weight[tokenizer.eos_token_id] = 0.0
     return model, tokenizer, tokenizer.convert_tokens_to_ids(ADAPTIVE_TOKEN)
 
 

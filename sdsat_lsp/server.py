@@ -1,0 +1,626 @@
+"""The language server: thin pygls 2 handlers around one completion pipeline.
+
+    editor --LSP--> handlers (event loop) --Job--> inference worker (one thread)
+        document text + cursor -> prompt (prompt.py) -> KV cache lease (kvcache.py)
+        -> SDSAT decode (engine.py, cancellable between passes) -> completion rules -> item
+
+- The event loop never waits on the model: each request becomes a `Job` run on a single worker
+  thread (the model is used by one generation at a time). A newer request for a document cancels
+  the older one (cancel-previous: Neovim never cancels superseded requests); `$/cancelRequest`
+  cancels the awaiting handler, which sets the job's flag; the engine checks it before every pass.
+- torch and transformers are imported, and the model loaded, on the worker after `initialized`
+  (so `initialize` is answered at once), reported with `$/progress`, `window/logMessage` and the
+  custom `sdsat/status` notification ({state: loading|ready|error, message}). Until the model is
+  ready, completion requests get an empty result.
+- Settings are a typed dataclass filled from `initializationOptions` and
+  `workspace/didChangeConfiguration` (camelCase keys, optionally under "sdsat"); a value of the
+  wrong type or out of range is reported with `window/showMessage` and replaced by its default.
+- Positions are UTF-16 unless the client offers UTF-8/UTF-32 (pygls negotiates
+  `general.positionEncodings`); offsets inside the server are code points.
+- `sdsat/stats` answers per-request stats (prompt tokens, tokens reused, prefill/decode ms,
+  drafts accepted), the KV cache's contents and the current settings.
+
+This is the only module that imports lsprotocol/pygls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import re
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+from lsprotocol import types
+from pygls.exceptions import JsonRpcException
+from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
+
+from .errors import SdsatError
+from .kvcache import KVCacheStore
+from .prompt import LINE_MODES, Completion, Rules, build_prompt, continuation_decoder
+
+log = logging.getLogger(__name__)
+_IMPORTED = time.perf_counter()
+
+STATUS = "sdsat/status"
+STATS = "sdsat/stats"
+DECODING_MODES = ("fused", "two-pass", "ar")
+RELOAD_KEYS = ("model", "quantize", "device", "dtype", "threads")  # changing these reloads the model
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings.
+
+
+@dataclass
+class Settings:
+    """Server settings, camelCase on the wire (`maxTokens`), from initializationOptions and
+    workspace/didChangeConfiguration (optionally nested under "sdsat")."""
+
+    model: str = ""  # model folder or hub id; "" = the default model
+    quantize: str = "auto"  # auto | none | nf4 | int8 | dynamic-int8 (see model.load_model)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    k: int = 0  # adaptive tokens per draft block; 0 = the model card's
+    mode: str = "fused"  # SDSAT decoding: fused | two-pass | ar (plain greedy)
+    max_tokens: int = 64  # new tokens per completion
+    time_budget_ms: int = 400  # past this, stop at the next newline; 0 = no budget
+    line_mode: str = "auto"  # auto | single | multi
+    fim: bool = True  # fill-in-the-middle (suffix first) when the model card has FIM ids
+    max_prompt_tokens: int = 1024
+    max_suffix_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = -1  # sampling seed; -1 = random
+    kv_cache: bool = True  # per-document KV cache reuse (off: re-prefill every prompt)
+    cache_budget_mb: int = 512  # KV cache memory across documents (LRU eviction)
+    enabled: bool = True
+
+
+_CHOICES = {"mode": DECODING_MODES, "line_mode": LINE_MODES}
+_RANGES = {
+    "threads": (0, 1024), "k": (0, 64), "max_tokens": (1, 4096), "time_budget_ms": (0, 600_000),
+    "max_prompt_tokens": (16, 1 << 20), "max_suffix_tokens": (0, 1 << 16), "temperature": (0.0, 100.0),
+    "top_k": (0, 1 << 20), "top_p": (1e-6, 1.0), "seed": (-1, 2**62), "cache_budget_mb": (0, 1 << 24),
+}
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w.title() for w in rest)
+
+
+def parse_settings(raw: Any, base: Settings) -> tuple[Settings, list[str]]:
+    """`base` updated with the values in `raw` (a dict, camelCase or snake_case keys, possibly under
+    "sdsat"); every value that is unknown, of the wrong type or out of range is listed in the
+    returned problems and replaced by its default."""
+    problems: list[str] = []
+    if raw is None:
+        return base, problems
+    if isinstance(raw, dict) and isinstance(raw.get("sdsat"), dict):
+        raw = raw["sdsat"]
+    if not isinstance(raw, dict):
+        return base, [f"settings must be an object, got {type(raw).__name__}"]
+    defaults = Settings()
+    by_wire = {_camel(f.name): f.name for f in dataclasses.fields(Settings)}
+    values = {}
+    for key, value in raw.items():
+        name = by_wire.get(key) or (key if key in by_wire.values() else None)
+        if name is None:
+            problems.append(f"unknown setting {key!r}")
+            continue
+        default = getattr(defaults, name)
+        ok = _check_value(name, value, default)
+        if ok is None:
+            values[name] = float(value) if isinstance(default, float) else value
+            if name == "model" and value is None:
+                values[name] = ""
+        else:
+            problems.append(f"{_camel(name)}: {ok}; using {default!r}")
+            values[name] = default
+    return dataclasses.replace(base, **values), problems
+
+
+def _check_value(name: str, value: Any, default: Any) -> str | None:
+    """None when `value` fits the setting, else what is wrong with it."""
+    if name == "model" and value is None:
+        return None
+    kind = type(default)
+    if kind is bool:
+        if not isinstance(value, bool):
+            return f"expected true or false, got {value!r}"
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"expected an integer, got {value!r}"
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            return f"expected a number, got {value!r}"
+    elif kind is str and not isinstance(value, str):
+        return f"expected a string, got {value!r}"
+    if name in _CHOICES and value not in _CHOICES[name]:
+        return f"expected one of {', '.join(_CHOICES[name])}, got {value!r}"
+    if name in _RANGES:
+        lo, hi = _RANGES[name]
+        if not lo <= value <= hi:
+            return f"expected {lo}..{hi}, got {value!r}"
+    return None
+
+
+def settings_to_wire(settings: Settings) -> dict:
+    return {_camel(k): v for k, v in dataclasses.asdict(settings).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# One completion request, as the worker sees it.
+
+
+@dataclass
+class Job:
+    seq: int
+    request_id: Any  # the JSON-RPC id, for logs
+    uri: str
+    text: str  # the document when the request came in
+    offset: int  # the cursor, in code points
+    settings: Settings
+    created: float = field(default_factory=time.perf_counter)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Outcome:
+    completion: Completion | None
+    stats: dict
+
+
+class _Protocol(LanguageServerProtocol):
+    """pygls' protocol, but a request whose params do not fit the LSP types gets a JSON-RPC error
+    (pygls logs it and never answers, so the client would wait forever)."""
+
+    def structure_message(self, data: dict[str, Any]):
+        try:
+            return super().structure_message(data)
+        except JsonRpcException as exc:
+            if isinstance(data, dict) and "id" in data and "method" in data:
+                self._send_response(data["id"], error=exc.to_response_error())
+            raise
+
+
+class SdsatServer(LanguageServer):
+    """pygls server plus the model, the KV cache store and the worker."""
+
+    def __init__(self, cli_settings: Settings | None = None):
+        super().__init__("sdsat-lsp", _version(), text_document_sync_kind=types.TextDocumentSyncKind.Incremental,
+                         protocol_cls=_Protocol)
+        self.settings = cli_settings or Settings()
+        self.state = "starting"  # starting | loading | ready | error
+        self.state_message = ""
+        self.loaded = None  # model.LoadedModel once ready
+        self.store: KVCacheStore | None = None
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdsat-infer")
+        self.jobs: dict[str, Job] = {}  # the newest job per document
+        self.window_heads: dict[str, str] = {}  # per document: where its prompt window starts
+        self.recent: deque[dict] = deque(maxlen=256)
+        self.seq = itertools.count(1)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.load_task: asyncio.Task | None = None
+        self.startup: dict[str, Any] = {}  # when initialize was answered, whether torch was in yet
+
+    # -- notifications to the client (always from the event loop thread) --------------------------
+
+    def set_state(self, state: str, message: str) -> None:
+        self.state, self.state_message = state, message
+        log.info("status %s: %s", state, message)
+        self.protocol.notify(STATUS, {"state": state, "message": message})
+
+    def log_to_client(self, message: str, kind: types.MessageType = types.MessageType.Info) -> None:
+        self.window_log_message(types.LogMessageParams(type=kind, message=message))
+
+    def warn_user(self, message: str, kind: types.MessageType = types.MessageType.Warning) -> None:
+        log.warning("%s", message)
+        self.window_show_message(types.ShowMessageParams(type=kind, message=f"sdsat-lsp: {message}"))
+
+    def from_worker(self, fn, *args) -> None:
+        """Run `fn(*args)` on the event loop (pygls writes are not thread-safe)."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    # -- settings ---------------------------------------------------------------------------------
+
+    def apply_settings(self, raw: Any, source: str) -> None:
+        new, problems = parse_settings(raw, self.settings)
+        if problems:
+            self.warn_user(f"invalid {source} settings ({'; '.join(problems)})")
+        old, self.settings = self.settings, new
+        if self.store is not None:
+            self.store.set_budget(new.cache_budget_mb * 2**20)
+            if new.kv_cache != self.store.enabled:
+                self.store.enabled = new.kv_cache
+                if not new.kv_cache:
+                    self.store.clear()
+        if self.state != "starting" and any(getattr(old, k) != getattr(new, k) for k in RELOAD_KEYS):
+            self.start_loading()
+
+    # -- model loading ----------------------------------------------------------------------------
+
+    def start_loading(self) -> None:
+        if self.load_task is not None and not self.load_task.done():
+            self.load_task.cancel()  # the worker finishes that load, then loads again
+        self.load_task = asyncio.ensure_future(self._load())
+
+    async def _load(self) -> None:
+        settings = self.settings
+        what = settings.model or "the default model"
+        self.loaded, self.store = None, None
+        self.set_state("loading", f"loading {what}")
+        self.log_to_client(f"sdsat-lsp: loading {what} (torch and transformers import first)")
+        token = None
+        caps = self.client_capabilities
+        if caps.window is not None and caps.window.work_done_progress:
+            token = f"sdsat-load-{uuid.uuid4().hex[:8]}"
+            try:
+                await self.work_done_progress.create_async(token)
+                self.work_done_progress.begin(token, types.WorkDoneProgressBegin(
+                    title="sdsat-lsp", message=f"loading {what}", percentage=0))
+            except Exception:  # the client refused: no progress bar, the rest works
+                log.info("client refused window/workDoneProgress/create", exc_info=True)
+                token = None
+
+        def report(message: str, percentage: int) -> None:
+            if token is not None:
+                self.work_done_progress.report(token, types.WorkDoneProgressReport(message=message, percentage=percentage))
+
+        loop = asyncio.get_running_loop()
+        try:
+            loaded, store = await loop.run_in_executor(self.worker, load_blocking, settings,
+                                                       lambda m, p: self.from_worker(report, m, p))
+        except asyncio.CancelledError:
+            raise
+        except SdsatError as exc:
+            self.set_state("error", str(exc))
+            self.warn_user(str(exc), types.MessageType.Error)
+            return
+        except Exception as exc:  # a bug or an unexpected library error: say so, keep serving
+            log.exception("loading the model failed")
+            self.set_state("error", f"{type(exc).__name__}: {exc}")
+            self.warn_user(f"loading the model failed: {type(exc).__name__}: {exc}", types.MessageType.Error)
+            return
+        finally:
+            if token is not None:
+                self.work_done_progress.end(token, types.WorkDoneProgressEnd(message="done"))
+        if self.settings is not settings and any(getattr(self.settings, k) != getattr(settings, k) for k in RELOAD_KEYS):
+            return  # superseded by a newer configuration; its own load is under way
+        self.loaded, self.store = loaded, store
+        message = (f"{loaded.ref} ready: {loaded.quantize}, {loaded.dtype} on {loaded.device}, "
+                   f"k={loaded.card.k}, loaded in {loaded.load_ms:.0f} ms")
+        self.log_to_client(f"sdsat-lsp: {message}")
+        self.set_state("ready", message)
+
+    # -- completion -------------------------------------------------------------------------------
+
+    async def complete(self, uri: str, position: types.Position) -> tuple[Outcome, types.Position, str, str] | None:
+        """Run the pipeline for `uri` at `position`: (outcome, cursor position, the line's text
+        before and after the cursor), or None when there is nothing to do (not ready, unknown
+        document)."""
+        if not self.settings.enabled or self.state != "ready":
+            return None
+        doc = self.workspace.text_documents.get(unquote(uri))
+        if doc is None:
+            log.info("completion for unknown document %s", uri)
+            return None
+        text = doc.source
+        pos = types.Position(line=position.line, character=position.character)  # pygls may clamp it in place
+        offset = max(0, min(doc.offset_at_position(pos), len(text)))
+        line_start = text.rfind("\n", 0, offset) + 1
+        line_no = text.count("\n", 0, line_start)
+        cursor = types.Position(line=line_no, character=doc.position_codec.client_num_units(text[line_start:offset]))
+        job = Job(next(self.seq), self.protocol.msg_id, uri, text, offset, self.settings)
+        previous = self.jobs.get(uri)
+        if previous is not None:
+            previous.cancel.set()  # cancel-previous: the newest request for a document wins
+        self.jobs[uri] = job
+        loop = asyncio.get_running_loop()
+        try:
+            outcome = await loop.run_in_executor(self.worker, self.run_job, job)
+        except asyncio.CancelledError:
+            job.cancel.set()  # $/cancelRequest: stop decoding at the next forward pass
+            raise
+        finally:
+            if self.jobs.get(uri) is job:
+                del self.jobs[uri]
+        end = text.find("\n", offset)
+        rest = text[offset: len(text) if end < 0 else end]
+        return outcome, cursor, text[line_start:offset], rest
+
+    def run_job(self, job: Job) -> Outcome:
+        """On the worker thread: prompt, cache lease, decode, rules. Never raises."""
+        stats: dict[str, Any] = {"seq": job.seq, "requestId": job.request_id, "uri": job.uri,
+                                 "queueMs": round((time.perf_counter() - job.created) * 1e3, 2)}
+        try:
+            completion = self._run_job(job, stats)
+        except Exception as exc:
+            log.exception("[req %s] completion failed", job.request_id)
+            stats.update(finishReason="error", error=f"{type(exc).__name__}: {exc}")
+            completion = None
+        stats["totalMs"] = round((time.perf_counter() - job.created) * 1e3, 2)
+        stats["items"] = int(completion is not None)
+        self.recent.append(stats)
+        log.info("[req %s] %s", job.request_id, " ".join(f"{k}={v}" for k, v in stats.items() if k not in ("uri", "requestId")))
+        return Outcome(completion, stats)
+
+    def _run_job(self, job: Job, stats: dict) -> Completion | None:
+        from .engine import Sampling, context_length, generate
+
+        loaded, store, s = self.loaded, self.store, job.settings
+        if job.cancel.is_set() or loaded is None or store is None:
+            stats["finishReason"] = "cancelled" if job.cancel.is_set() else "not-ready"
+            return None
+        model, tokenizer, card = loaded.model, loaded.tokenizer, loaded.card
+        k = s.k or card.k
+        mode = s.mode if card.adaptive_ids else "ar"
+        ctx = min(card.context_length or context_length(model), context_length(model))
+        budget = max(16, min(s.max_prompt_tokens, ctx - s.max_tokens - 2 * (k + 1) - 8))
+        prompt = build_prompt(job.text, job.offset, tokenizer, max_tokens=budget, max_suffix_tokens=s.max_suffix_tokens,
+                              fim_ids=card.fim if s.fim else None, line_mode=s.line_mode,
+                              keep=self.window_heads.get(job.uri))
+        self.window_heads[job.uri] = prompt.window_head
+        rules = Rules(prompt.context)
+        decode = continuation_decoder(tokenizer, prompt.ids)
+        sampling = Sampling(s.temperature, s.top_k, s.top_p, None if s.seed < 0 else s.seed)
+        lease = store.acquire(job.uri, prompt.ids)
+        try:
+            gen = generate(
+                model, prompt.ids, mode=mode, k=k, adaptive_ids=card.adaptive_ids, max_new_tokens=s.max_tokens,
+                decode=decode, should_stop=lambda tokens: rules.should_stop(decode(tokens)), sampling=sampling,
+                cache=lease.cache, cancel=job.cancel.is_set,
+                deadline=job.created + s.time_budget_ms / 1e3 if s.time_budget_ms else None,
+            )
+        except BaseException:
+            store.discard(lease)  # its state is unknown
+            raise
+        store.release(lease, gen.cache_ids)
+        st = gen.stats
+        stats.update(
+            promptTokens=len(prompt.ids), reusedTokens=st.reused_tokens, prefillTokens=st.prefill_tokens,
+            cachedBefore=lease.cached_before, prefillMs=round(st.prefill_ms, 2),
+            decodeMs=round(st.wall_ms - st.prefill_ms, 2), newTokens=st.new_tokens, forwardPasses=st.forward_passes,
+            draftsAccepted=st.drafts_accepted, draftsVerified=st.drafts_verified, finishReason=gen.finish_reason,
+            multiline=prompt.context.multiline, fim=prompt.fim, windowStart=prompt.prefix_start, mode=mode, k=k,
+        )
+        if gen.finish_reason == "cancelled":
+            return None
+        return rules.finish(decode(gen.tokens))
+
+    def stats_report(self, params: Any) -> dict:
+        last = 50
+        uri = None
+        if params is not None:
+            data = _plain(params)
+            if isinstance(data, dict):
+                last = data.get("last", last) if isinstance(data.get("last"), int) else last
+                uri = data.get("uri") if isinstance(data.get("uri"), str) else None
+        requests = [r for r in self.recent if uri is None or r["uri"] == uri][-max(0, last):] if last else []
+        cache = self.store.summary() if self.store is not None else {"documents": 0, "bytes": 0, "per_document": {}}
+        per_doc = cache.pop("per_document", {})
+        cache["perDocument"] = [{"uri": u, **v} for u, v in per_doc.items()]
+        cache = {_camel(k): v for k, v in cache.items()}
+        model = None
+        if self.loaded is not None:
+            lm = self.loaded
+            model = {"ref": lm.ref, "device": lm.device, "quantize": lm.quantize, "dtype": lm.dtype,
+                     "k": lm.card.k, "fim": bool(lm.card.fim), "loadMs": round(lm.load_ms, 1)}
+        return {"state": self.state, "message": self.state_message, "model": model, "cache": cache,
+                "settings": settings_to_wire(self.settings), "requests": requests, "startup": self.startup,
+                "positionEncoding": str(self.workspace.position_encoding) if self.protocol._workspace else None}
+
+
+def load_blocking(settings: Settings, report) -> tuple[Any, KVCacheStore]:
+    """On the worker: import torch/transformers, load the model, build its cache store, warm up."""
+    report("importing torch", 5)
+    started = time.perf_counter()
+    import torch
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    from transformers import DynamicCache
+
+    from .embedded import resolve_model
+
+    log.info("torch and transformers imported in %.1f s", time.perf_counter() - started)
+    report("loading weights", 50)
+    loaded = resolve_model(settings.model or None, quantize=settings.quantize, device=settings.device,
+                           dtype=settings.dtype)
+    model = loaded.model
+    store = KVCacheStore(lambda: DynamicCache(config=model.config), settings.cache_budget_mb * 2**20,
+                         enabled=settings.kv_cache)
+    report("warming up", 90)
+    from .engine import generate
+
+    ids = loaded.tokenizer("def f(x):\n    return", add_special_tokens=False)["input_ids"] or [0]
+    generate(model, ids, mode="ar", max_new_tokens=2)  # the first pass of a process is slow
+    return loaded, store
+
+
+def _plain(value: Any) -> Any:
+    """pygls hands custom-method params over as namedtuples: back to dicts and lists."""
+    if hasattr(value, "_asdict"):
+        return {k: _plain(v) for k, v in value._asdict().items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("sdsat-lsp")
+    except Exception:
+        return "0"
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversions to LSP types (pure).
+
+
+def inline_items(outcome: Outcome | None, cursor: types.Position, rest: str, encoding_units) -> types.InlineCompletionList:
+    if outcome is None or outcome.completion is None:
+        return types.InlineCompletionList(items=[])
+    c = outcome.completion
+    end = types.Position(line=cursor.line, character=cursor.character + encoding_units(rest[: c.replace_chars]))
+    return types.InlineCompletionList(items=[
+        types.InlineCompletionItem(insert_text=c.text, range=types.Range(start=cursor, end=end))
+    ])
+
+
+def completion_items(outcome: Outcome | None, cursor: types.Position, rest: str, word: str,
+                     encoding_units) -> types.CompletionList:
+    """The fallback for clients without inline completion: one item that replaces the word before
+    the cursor (so the client's prefix filter keeps it) and what the completion replaces after it."""
+    if outcome is None or outcome.completion is None:
+        return types.CompletionList(is_incomplete=True, items=[])
+    c = outcome.completion
+    start = types.Position(line=cursor.line, character=cursor.character - encoding_units(word))
+    end = types.Position(line=cursor.line, character=cursor.character + encoding_units(rest[: c.replace_chars]))
+    first_line = c.text.strip().splitlines()[0] if c.text.strip() else c.text
+    return types.CompletionList(is_incomplete=True, items=[types.CompletionItem(
+        label=(word + first_line)[:80] if not c.text.startswith("\n") else first_line[:80],
+        kind=types.CompletionItemKind.Text,
+        detail="sdsat-lsp",
+        filter_text=word + c.text,
+        insert_text_format=types.InsertTextFormat.PlainText,
+        text_edit=types.TextEdit(range=types.Range(start=start, end=end), new_text=word + c.text),
+    )])
+
+
+# ----------------------------------------------------------------------------------------------
+# Handlers: get the document, call the pipeline, convert, return.
+
+
+def build_server(cli_settings: Settings | None = None) -> SdsatServer:
+    server = SdsatServer(cli_settings)
+
+    @server.feature(types.INITIALIZE)
+    def on_initialize(ls: SdsatServer, params: types.InitializeParams) -> None:
+        """Read initializationOptions; offer textDocument/completion to clients without inline completion."""
+        ls.loop = asyncio.get_running_loop()
+        ls.startup = {"initializeMs": round((time.perf_counter() - _IMPORTED) * 1e3, 1),
+                      "torchImported": "torch" in sys.modules}
+        if params.initialization_options is not None:
+            ls.apply_settings(params.initialization_options, "initializationOptions")
+        td = params.capabilities.text_document
+        if td is None or td.inline_completion is None:
+            ls.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions())(on_completion)
+
+    @server.feature(types.INITIALIZED)
+    def on_initialized(ls: SdsatServer, params: types.InitializedParams) -> None:
+        """Start importing torch and loading the model in the background."""
+        ls.start_loading()
+
+    @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+    async def on_inline_completion(ls: SdsatServer, params: types.InlineCompletionParams) -> types.InlineCompletionList:
+        """Ghost text at the cursor."""
+        done = await ls.complete(params.text_document.uri, params.position)
+        if done is None:
+            return types.InlineCompletionList(items=[])
+        outcome, cursor, _, rest = done
+        return inline_items(outcome, cursor, rest, ls.workspace.position_codec.client_num_units)
+
+    async def on_completion(ls: SdsatServer, params: types.CompletionParams) -> types.CompletionList:
+        """The same completion as a popup item (registered only for clients without inline completion)."""
+        done = await ls.complete(params.text_document.uri, params.position)
+        if done is None:
+            return types.CompletionList(is_incomplete=True, items=[])
+        outcome, cursor, before, rest = done
+        word = re.search(r"\w*$", before).group(0)
+        return completion_items(outcome, cursor, rest, word, ls.workspace.position_codec.client_num_units)
+
+    @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    def on_configuration(ls: SdsatServer, params: types.DidChangeConfigurationParams) -> None:
+        """Apply new settings; model settings reload the model."""
+        ls.apply_settings(params.settings, "workspace/didChangeConfiguration")
+
+    @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
+    def on_open(ls: SdsatServer, params: types.DidOpenTextDocumentParams) -> None:
+        """pygls keeps the text; the KV cache fills on the first request."""
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+    def on_change(ls: SdsatServer, params: types.DidChangeTextDocumentParams) -> None:
+        """pygls has applied the edits; the cache keeps its longest common prefix with the next prompt."""
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+    def on_close(ls: SdsatServer, params: types.DidCloseTextDocumentParams) -> None:
+        """Cancel the document's work and free its KV cache."""
+        uri = params.text_document.uri
+        job = ls.jobs.pop(uri, None)
+        if job is not None:
+            job.cancel.set()
+        ls.window_heads.pop(uri, None)
+        if ls.store is not None:
+            freed = ls.store.drop(uri)
+            log.info("closed %s: freed %d bytes of KV cache", uri, freed)
+
+    @server.feature(STATS)
+    def on_stats(ls: SdsatServer, params: Any = None) -> dict:
+        """Per-request stats, the KV cache's contents, settings and state."""
+        return ls.stats_report(params)
+
+    @server.feature(types.SHUTDOWN)
+    def on_shutdown(ls: SdsatServer, params: Any = None) -> None:
+        """Stop pending work."""
+        for job in list(ls.jobs.values()):
+            job.cancel.set()
+        ls.worker.shutdown(wait=False, cancel_futures=True)
+
+    return server
+
+
+class _LenientStdin:
+    """stdin for pygls that turns invalid UTF-8 in a message body into U+FFFD instead of dropping
+    the message (a dropped request would never be answered)."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def readline(self) -> bytes:
+        return self.raw.readline()
+
+    def read(self, n: int) -> bytes:
+        data = self.raw.read(n)
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            log.warning("invalid UTF-8 in a message: decoded with replacement characters")
+            data = data.decode("utf-8", "replace").encode("utf-8")
+        return data
+
+
+def serve(args) -> int:
+    """Run the server over stdio (default) or TCP (`--tcp HOST:PORT`)."""
+    cli = Settings()
+    for name in ("model", "quantize", "device", "dtype"):
+        value = getattr(args, name, None)
+        if value:
+            cli = dataclasses.replace(cli, **{name: value})
+    server = build_server(cli)
+    if getattr(args, "verbose", 0) < 2:
+        logging.getLogger("pygls").setLevel(logging.WARNING)  # it logs every message at INFO
+    if getattr(args, "tcp", None):
+        host, _, port = args.tcp.rpartition(":")
+        if not port.isdigit():
+            raise SdsatError(f"--tcp wants HOST:PORT, got {args.tcp!r}")
+        server.start_tcp(host or "127.0.0.1", int(port))
+    else:
+        server.start_io(_LenientStdin(sys.stdin.buffer), sys.stdout.buffer)
+    return 0

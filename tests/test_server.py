@@ -1,0 +1,493 @@
+"""The language server over stdio with pytest-lsp, on the tiny random model: capabilities, a
+completion equal to the engine's greedy output, KV cache reuse while typing, invalidation from an
+edit, cancel-previous and $/cancelRequest, requests during load, didClose, configuration, and bad
+input that must never crash or hang the server."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import sys
+import time
+
+import pytest
+import pytest_asyncio
+from lsprotocol import types
+from pygls.exceptions import JsonRpcException
+from pytest_lsp import ClientServerConfig
+
+from sdsat_lsp.kvcache import common_prefix_len
+from sdsat_lsp.prompt import Rules, build_prompt, continuation_decoder
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+SERVER = [sys.executable, "-m", "sdsat_lsp.cli", "--stdio", "-v"]
+READY_TIMEOUT = 120
+MAX_TOKENS = 24
+BASE_OPTIONS = {"quantize": "none", "threads": 1, "timeBudgetMs": 0, "maxPromptTokens": 256, "maxTokens": MAX_TOKENS}
+
+DOC = '''import os
+import sys
+
+
+def walk(top, depth=0):
+    """Yield every path under top."""
+    for name in sorted(os.listdir(top)):
+        path = os.path.join(top, name)
+        if os.path.isdir(path):
+            yield from walk(path, depth + 1)
+        yield path
+
+
+def main(argv):
+    count = 0
+    for path in walk(argv[1]):
+        count += 1
+    print(count)
+'''
+
+
+def capabilities(inline: bool = True, encodings: list[str] | None = None) -> types.ClientCapabilities:
+    """Client capabilities by hand: pytest-lsp's bundled snapshots have no inlineCompletion."""
+    return types.ClientCapabilities(
+        general=types.GeneralClientCapabilities(position_encodings=encodings) if encodings else None,
+        window=types.WindowClientCapabilities(work_done_progress=True),
+        workspace=types.WorkspaceClientCapabilities(
+            did_change_configuration=types.DidChangeConfigurationClientCapabilities()),
+        text_document=types.TextDocumentClientCapabilities(
+            synchronization=types.TextDocumentSyncClientCapabilities(),
+            completion=types.CompletionClientCapabilities(),
+            inline_completion=types.InlineCompletionClientCapabilities() if inline else None,
+        ),
+    )
+
+
+def plain(value):
+    """pygls hands custom results over as namedtuples: back to dicts and lists."""
+    if hasattr(value, "_asdict"):
+        return {k: plain(v) for k, v in value._asdict().items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+class Session:
+    """A started server, its client, and what the server told the client."""
+
+    def __init__(self, client, result):
+        self.client = client
+        self.init_result = result
+        self.statuses: list[dict] = []
+        self.versions: dict[str, int] = {}
+
+    @classmethod
+    async def start(cls, options: dict, caps: types.ClientCapabilities, wait: bool = True) -> Session:
+        client = await ClientServerConfig(server_command=SERVER).start()
+        statuses: list[dict] = []
+
+        @client.feature("sdsat/status")
+        def on_status(params):
+            statuses.append(plain(params))
+
+        started = time.perf_counter()
+        result = await client.initialize_session(
+            types.InitializeParams(capabilities=caps, initialization_options=options))
+        session = cls(client, result)
+        session.initialize_s = time.perf_counter() - started
+        session.statuses = statuses
+        if wait:
+            await session.wait_state("ready")
+        return session
+
+    async def wait_state(self, state: str, timeout: float = READY_TIMEOUT) -> dict:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if self.statuses and self.statuses[-1]["state"] == state:
+                return self.statuses[-1]
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no {state!r} status within {timeout} s: {self.statuses}")
+
+    def open(self, uri: str, text: str) -> None:
+        self.versions[uri] = 1
+        self.client.text_document_did_open(types.DidOpenTextDocumentParams(
+            text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
+
+    def change(self, uri: str, start: tuple[int, int], end: tuple[int, int], text: str) -> None:
+        self.versions[uri] = self.versions.get(uri, 1) + 1
+        self.client.text_document_did_change(types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=self.versions[uri]),
+            content_changes=[types.TextDocumentContentChangePartial(
+                range=types.Range(start=types.Position(*start), end=types.Position(*end)), text=text)]))
+
+    def close(self, uri: str) -> None:
+        self.client.text_document_did_close(types.DidCloseTextDocumentParams(
+            text_document=types.TextDocumentIdentifier(uri=uri)))
+
+    def configure(self, settings) -> None:
+        self.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=settings))
+
+    def inline_params(self, uri: str, line: int, character: int) -> types.InlineCompletionParams:
+        return types.InlineCompletionParams(
+            text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line, character),
+            context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic))
+
+    async def inline(self, uri: str, line: int, character: int, timeout: float = 60):
+        return await asyncio.wait_for(
+            self.client.text_document_inline_completion_async(self.inline_params(uri, line, character)), timeout)
+
+    async def stats(self, **params) -> dict:
+        return plain(await asyncio.wait_for(self.client.protocol.send_request_async("sdsat/stats", params), 30))
+
+    async def last_request(self, uri: str) -> dict:
+        return (await self.stats(uri=uri, last=1))["requests"][-1]
+
+    def raw_notify(self, method: str, params: bytes) -> None:
+        """Write a message as raw bytes, past the client's type checks and JSON encoder."""
+        body = b'{"jsonrpc": "2.0", "method": "%s", "params": %s}' % (method.encode(), params)
+        self.client._server.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    def raw_request(self, msg_id: str, method: str, params: bytes):
+        """Like raw_notify, for a request: returns an awaitable of its response."""
+        future = concurrent.futures.Future()
+        self.client.protocol._request_futures[msg_id] = future  # pygls matches the response by id
+        body = b'{"jsonrpc": "2.0", "id": "%s", "method": "%s", "params": %s}' % (msg_id.encode(), method.encode(), params)
+        self.client._server.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        return asyncio.wrap_future(future)
+
+    async def stop(self) -> None:
+        await asyncio.wait_for(self.client.shutdown_session(), 30)
+        await self.client.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def main_server(tiny_model_dir):
+    session = await Session.start({"model": str(tiny_model_dir), **BASE_OPTIONS}, capabilities())
+    yield session
+    await session.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_lm):
+    """What the server should answer: the prompt module's prompt, decoded with plain greedy
+    decoding (AR, not SDSAT) by the in-process copy of the same model."""
+    import torch
+
+    from sdsat_lsp.engine import generate
+
+    model, tokenizer, _ = tiny_lm
+    fim = {"prefix": 5, "middle": 6, "suffix": 7}
+
+    def complete(text: str, offset: int, max_tokens: int = MAX_TOKENS, line_mode: str = "auto"):
+        p = build_prompt(text, offset, tokenizer, max_tokens=256, max_suffix_tokens=128, fim_ids=fim, line_mode=line_mode)
+        rules = Rules(p.context)
+        decode = continuation_decoder(tokenizer, p.ids)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            gen = generate(model, p.ids, mode="ar", max_new_tokens=max_tokens,
+                           decode=decode, should_stop=lambda t: rules.should_stop(decode(t)))
+        finally:
+            torch.set_num_threads(threads)
+        return p, rules.finish(decode(gen.tokens)), gen
+
+    return complete
+
+
+def offset_of(text: str, line: int, column: int) -> int:
+    return sum(len(x) for x in text.splitlines(keepends=True)[:line]) + column
+
+
+# ---- protocol ---------------------------------------------------------------------------------
+
+
+async def test_capabilities_advertised(main_server):
+    caps = main_server.init_result.capabilities
+    assert caps.inline_completion_provider is not None
+    assert caps.completion_provider is None  # the fallback is only for clients without inline completion
+    sync = caps.text_document_sync
+    assert sync.change == types.TextDocumentSyncKind.Incremental and sync.open_close
+    assert caps.position_encoding == types.PositionEncodingKind.Utf16
+    startup = (await main_server.stats())["startup"]
+    # initialize is answered before torch is imported (that happens after `initialized`).
+    assert startup["torchImported"] is False and startup["initializeMs"] < 1000
+    states = [s["state"] for s in main_server.statuses]
+    assert states[0] == "loading" and states[-1] == "ready"
+    progress = [p for reports in main_server.client.progress_reports.values() for p in reports]
+    assert isinstance(progress[0], types.WorkDoneProgressBegin) and isinstance(progress[-1], types.WorkDoneProgressEnd)
+    assert any("ready" in m.message for m in main_server.client.log_messages)
+
+
+@pytest.mark.parametrize("line,column", [(15, 12), (6, 4), (10, 0)])
+async def test_completion_equals_engine_greedy(main_server, reference, line, column):
+    """Single line mid-statement, a line start inside a block, and an empty line: the server's
+    SDSAT (fused) answer equals plain greedy decoding of the same prompt."""
+    uri = f"file:///greedy_{line}_{column}.py"
+    text = DOC if (line, column) != (10, 0) else DOC.replace("        yield path\n", "        yield path\n\n", 1)
+    main_server.open(uri, text)
+    prompt, expected, gen = reference(text, offset_of(text, line, column))
+    result = await main_server.inline(uri, line, column)
+    stats = await main_server.last_request(uri)
+    assert stats["promptTokens"] == len(prompt.ids) and stats["fim"] is True and stats["mode"] == "fused"
+    if expected is None:
+        assert not result.items
+    else:
+        (item,) = result.items
+        assert item.insert_text == expected.text
+        assert item.range.start == types.Position(line, column)
+        assert item.range.end.character == column + expected.replace_chars
+    assert stats["newTokens"] == len(gen.tokens)
+    main_server.close(uri)
+
+
+# ---- the KV cache -----------------------------------------------------------------------------
+
+
+async def test_typing_at_the_cursor_reuses_the_cache(main_server):
+    uri = "file:///typing.py"
+    main_server.open(uri, DOC)
+    await main_server.inline(uri, 16, 8)  # after "        " in the for loop's body
+    first = await main_server.last_request(uri)
+    assert first["reusedTokens"] == 0 and first["prefillTokens"] == first["promptTokens"]
+    typed = "co"
+    for i, ch in enumerate("count"):
+        main_server.change(uri, (16, 8 + i), (16, 8 + i), ch)
+        await main_server.inline(uri, 16, 9 + i)
+        s = await main_server.last_request(uri)
+        # Everything before the cursor is cached: only the last token or two are prefilled.
+        assert s["reusedTokens"] >= s["promptTokens"] - 3, s
+        assert s["prefillTokens"] <= 3
+        assert s["cachedBefore"] >= s["reusedTokens"]
+    del typed
+    cache = (await main_server.stats())["cache"]
+    assert any(d["uri"] == uri and d["bytes"] > 0 for d in cache["perDocument"])
+    main_server.close(uri)
+
+
+async def test_edit_before_cursor_invalidates_from_there_only(main_server, tiny_lm):
+    tokenizer = tiny_lm[1]
+    fim = {"prefix": 5, "middle": 6, "suffix": 7}
+    uri = "file:///edit.py"
+    main_server.open(uri, DOC)
+    line, column = 17, 14  # in "print(count)", before ")"
+    await main_server.inline(uri, line, column)
+    before = build_prompt(DOC, offset_of(DOC, line, column), tokenizer, max_tokens=256, fim_ids=fim).ids
+    # Rename the parameter on line 4 ("depth=0" -> "level=0"): tokens before it are still valid.
+    main_server.change(uri, (4, 14), (4, 19), "level")
+    edited = DOC.replace("depth=0", "level=0", 1)
+    await main_server.inline(uri, line, column)
+    after = build_prompt(edited, offset_of(edited, line, column), tokenizer, max_tokens=256, fim_ids=fim).ids
+    s = await main_server.last_request(uri)
+    lcp = common_prefix_len(before, after)
+    assert 10 < lcp < len(after) - 20
+    assert s["reusedTokens"] == lcp and s["prefillTokens"] == len(after) - lcp
+    main_server.close(uri)
+
+
+async def test_did_close_frees_memory(main_server):
+    uri = "file:///close.py"
+    main_server.open(uri, DOC)
+    await main_server.inline(uri, 17, 14)
+    cache = (await main_server.stats())["cache"]
+    held = [d for d in cache["perDocument"] if d["uri"] == uri]
+    assert held and held[0]["bytes"] > 0
+    main_server.close(uri)
+    after = (await main_server.stats())["cache"]
+    assert not [d for d in after["perDocument"] if d["uri"] == uri]
+    assert after["bytes"] == cache["bytes"] - held[0]["bytes"]
+
+
+# ---- scheduling -------------------------------------------------------------------------------
+
+LONG = {"maxTokens": 600, "lineMode": "multi", "mode": "ar"}
+
+
+async def test_cancel_previous(main_server):
+    uri = "file:///previous.py"
+    main_server.open(uri, DOC + "\n")
+    main_server.configure(LONG)
+    try:
+        older = asyncio.ensure_future(
+            main_server.client.text_document_inline_completion_async(main_server.inline_params(uri, 19, 0)))
+        await asyncio.sleep(0.4)  # the older one is decoding now
+        main_server.configure({"maxTokens": 8})
+        newer = main_server.client.text_document_inline_completion_async(main_server.inline_params(uri, 19, 0))
+        old_result, new_result = await asyncio.wait_for(asyncio.gather(older, newer), 60)
+        assert not old_result.items and new_result.items
+        old_stats, new_stats = (await main_server.stats(uri=uri))["requests"][-2:]
+        # The older request stopped between two forward passes, well before its 600 tokens.
+        assert old_stats["finishReason"] == "cancelled" and 0 < old_stats["newTokens"] < 600
+        assert new_stats["finishReason"] != "cancelled"
+    finally:
+        main_server.configure(BASE_OPTIONS | {"lineMode": "auto", "mode": "fused"})
+        main_server.close(uri)
+
+
+async def test_cancel_request_stops_decoding(main_server):
+    uri = "file:///cancel.py"
+    main_server.open(uri, DOC + "\n")
+    main_server.configure(LONG)
+    try:
+        future = asyncio.ensure_future(main_server.client.protocol.send_request_async(
+            types.TEXT_DOCUMENT_INLINE_COMPLETION, main_server.inline_params(uri, 19, 0), msg_id="cancel-me"))
+        await asyncio.sleep(0.5)
+        main_server.client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="cancel-me"))
+        with pytest.raises(JsonRpcException) as info:
+            await asyncio.wait_for(future, 30)
+        assert info.value.code == -32800  # RequestCancelled
+        # The worker stopped between forward passes, long before 600 tokens.
+        for _ in range(100):
+            reqs = (await main_server.stats(uri=uri))["requests"]
+            if reqs:
+                break
+            await asyncio.sleep(0.05)
+        assert reqs[-1]["finishReason"] == "cancelled" and reqs[-1]["newTokens"] < 600
+        # And the server goes on serving.
+        main_server.configure(BASE_OPTIONS | {"lineMode": "auto", "mode": "fused"})
+        await main_server.inline(uri, 17, 14)
+        assert (await main_server.last_request(uri))["finishReason"] != "cancelled"
+    finally:
+        main_server.configure(BASE_OPTIONS | {"lineMode": "auto", "mode": "fused"})
+        main_server.close(uri)
+
+
+# ---- settings ---------------------------------------------------------------------------------
+
+
+async def test_configuration_changes_apply(main_server):
+    uri = "file:///config.py"
+    main_server.open(uri, DOC)
+    try:
+        main_server.configure({"sdsat": {"maxTokens": 3, "mode": "ar"}})
+        await main_server.inline(uri, 15, 12)
+        s = await main_server.last_request(uri)
+        assert s["newTokens"] <= 3 and s["mode"] == "ar" and s["draftsVerified"] == 0
+        # Wrong types: a warning, the defaults for those values, and the server keeps serving.
+        shown = len(main_server.client.messages)
+        main_server.configure({"maxTokens": "many", "temperature": "hot", "lineMode": 7, "kvCache": "yes",
+                               "nonsense": 1, "mode": "fused"})
+        await main_server.inline(uri, 15, 12)
+        settings = (await main_server.stats())["settings"]
+        assert settings["maxTokens"] == 64 and settings["temperature"] == 0.0 and settings["lineMode"] == "auto"
+        assert settings["mode"] == "fused" and settings["kvCache"] is True
+        warning = main_server.client.messages[shown].message
+        assert "maxTokens" in warning and "temperature" in warning and "nonsense" in warning
+        main_server.configure(["not", "an", "object"])
+        main_server.configure(None)
+        await main_server.inline(uri, 15, 12)
+        # Turning the cache off: nothing reused.
+        main_server.configure({"kvCache": False})
+        await main_server.inline(uri, 15, 12)
+        await main_server.inline(uri, 15, 12)
+        s = await main_server.last_request(uri)
+        assert s["reusedTokens"] == 0 and (await main_server.stats())["cache"]["bytes"] == 0
+    finally:
+        main_server.configure(BASE_OPTIONS | {"kvCache": True, "mode": "fused"})
+        main_server.close(uri)
+
+
+async def test_model_error_then_recovery(main_server, tiny_model_dir):
+    uri = "file:///model.py"
+    main_server.open(uri, DOC)
+    try:
+        main_server.configure({"model": "/no/such/model/folder"})
+        status = await main_server.wait_state("error", 60)
+        assert "does not exist" in status["message"]
+        assert not (await main_server.inline(uri, 15, 12)).items
+        main_server.configure({"model": str(tiny_model_dir)})
+        await main_server.wait_state("ready", 60)
+        await main_server.inline(uri, 15, 12)
+        assert (await main_server.last_request(uri))["finishReason"] in ("length", "stop", "eos")
+    finally:
+        main_server.close(uri)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+async def test_bad_input_never_crashes_or_hangs(main_server):
+    s = main_server
+    # Unknown document: an empty result, not an error.
+    assert not (await s.inline("file:///never/opened.py", 0, 0)).items
+    uri = "file:///bad.py"
+    s.open(uri, DOC)
+    # A position past the end of the document, and past the end of a line.
+    await s.inline(uri, 10_000, 10_000)
+    await s.inline(uri, 3, 500)
+    # Edits with invalid ranges: past the end, reversed, beyond a line's end; for unknown documents.
+    s.change(uri, (9_999, 0), (10_000, 5), "x")
+    s.change(uri, (5, 10), (2, 0), "reversed")
+    s.change(uri, (1, 900), (1, 1000), "y")
+    s.change("file:///not/open.py", (0, 0), (0, 0), "z")
+    await s.inline(uri, 5, 0)
+    # Params that do not fit the protocol's types: a JSON-RPC error, not silence.
+    with pytest.raises(JsonRpcException) as info:
+        await asyncio.wait_for(s.raw_request("bad-params", types.TEXT_DOCUMENT_INLINE_COMPLETION,
+                                             b'{"textDocument": {"uri": 5}, "position": "here"}'), 10)
+    assert info.value.code == -32602  # InvalidParams
+    # Custom request with garbage params.
+    assert (await s.stats(last="many", uri=7))["state"] == "ready"
+    # A 5 MB document: opened, completed at its end and in its middle, changed, closed.
+    big_uri = "file:///big.py"
+    big = DOC * (5_000_000 // len(DOC) + 1)
+    lines = big.count("\n")
+    started = time.perf_counter()
+    s.open(big_uri, big)
+    await s.inline(big_uri, lines, 0)
+    await s.inline(big_uri, lines // 2, 8)
+    s.change(big_uri, (lines // 2, 0), (lines // 2, 0), "# edit\n")
+    await s.inline(big_uri, lines // 2 + 1, 0)
+    assert time.perf_counter() - started < 60
+    big_stats = await s.last_request(big_uri)
+    assert big_stats["promptTokens"] <= 256
+    s.close(big_uri)
+    # Invalid UTF-8 on the wire (written raw): the message is read with replacement characters.
+    params = json.dumps({"textDocument": {"uri": "file:///latin1.py", "languageId": "python", "version": 1,
+                                          "text": "x = 'PLACEHOLDER'\n"}})
+    s.raw_notify("textDocument/didOpen", params.encode().replace(b"PLACEHOLDER", b"caf\xe9 \xff"))
+    await s.inline("file:///latin1.py", 1, 0)
+    opened = (await s.stats(uri="file:///latin1.py"))["requests"]
+    assert opened and opened[-1]["promptTokens"] > 0  # the document was opened, not dropped
+    # Still alive and answering.
+    await s.inline(uri, 0, 0)
+    assert s.client.error is None
+    s.close(uri)
+
+
+# ---- a second server: requests during load, UTF-8 positions, the completion fallback ----------
+
+
+async def test_load_utf8_and_completion_fallback(tiny_model_dir, reference):
+    session = await Session.start({"model": str(tiny_model_dir), **BASE_OPTIONS},
+                                  capabilities(inline=False, encodings=["utf-8", "utf-16"]), wait=False)
+    try:
+        caps = session.init_result.capabilities
+        assert caps.position_encoding == types.PositionEncodingKind.Utf8
+        assert caps.completion_provider is not None  # no inline completion on this client
+        text = 'face = "😋"; name = "é"; total = count\nnext_line = 1\n'
+        uri = "file:///utf8.py"
+        session.open(uri, text)
+        column_cp = text.index("count") + 2  # inside "count", after "co"
+        column_utf8 = len(text[:column_cp].encode("utf-8"))
+        params = types.CompletionParams(text_document=types.TextDocumentIdentifier(uri=uri),
+                                        position=types.Position(0, column_utf8))
+        # The model is still loading (torch takes seconds to import): an empty result at once.
+        early = await asyncio.wait_for(session.client.text_document_completion_async(params), 10)
+        assert session.statuses and session.statuses[-1]["state"] == "loading"
+        assert not early.items
+        await session.wait_state("ready")
+        result = await asyncio.wait_for(session.client.text_document_completion_async(params), 60)
+        _, expected, _ = reference(text, column_cp)
+        if expected is None:
+            assert not result.items
+        else:
+            (item,) = result.items
+            # The item replaces the word before the cursor ("co") so the client's filter keeps it.
+            assert item.text_edit.new_text == "co" + expected.text
+            assert item.text_edit.range.start == types.Position(0, column_utf8 - 2)
+            assert item.text_edit.range.end.character == column_utf8 + len(
+                text[column_cp: column_cp + expected.replace_chars].encode("utf-8"))
+        stats = await session.last_request(uri)
+        assert stats["promptTokens"] == len(reference(text, column_cp)[0].ids)
+    finally:
+        await session.stop()
