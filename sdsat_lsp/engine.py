@@ -317,7 +317,14 @@ def generate(
     if not sampling.greedy:
         generator = torch.Generator(device=_model_device(model))
         generator.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-    cache = cache if cache is not None else DynamicCache(config=model.config)
+    window = getattr(model.config, "sliding_window", None)
+    if window and len(prompt_ids) + max_new_tokens + 2 * k + 1 > window:
+        # Our masks and crops assume full attention; inside the window the two are the same.
+        raise SdsatError(f"this model uses sliding-window attention ({window} tokens); prompt plus new tokens must fit "
+                         f"inside it (got {len(prompt_ids)} + {max_new_tokens})")
+    if cache is None:
+        # A plain (full-attention) cache: a sliding-window one could not be cropped back.
+        cache = DynamicCache() if window else DynamicCache(config=model.config)
     dtype, device = _model_dtype(model), _model_device(model)
     block = _adaptive_block(adaptive_ids, k) if mode != "ar" else []
 

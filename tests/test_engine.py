@@ -191,7 +191,7 @@ def test_deadline_stops_at_newline(sdsat_micro, code_prompts):
         assert out.finish_reason == "length" and "\n" not in text
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_identity_in_half_precision(sdsat_micro, code_prompts, dtype):
     import copy
 
