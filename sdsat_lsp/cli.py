@@ -30,7 +30,15 @@ def _train_parser(sub) -> None:
     p.set_defaults(run=train.main)
 
 
-TOOLS = ("bench", "train")
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="completion quality on held-out code (exact match, edit similarity)")
+    from . import evaluate
+
+    evaluate.add_arguments(p)
+    p.set_defaults(run=evaluate.main)
+
+
+TOOLS = ("bench", "train", "eval")
 
 
 def build_parser(tools: bool = True) -> argparse.ArgumentParser:
@@ -47,6 +55,7 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     if tools:
         _bench_parser(sub)
         _train_parser(sub)
+        _eval_parser(sub)
     return parser
 
 

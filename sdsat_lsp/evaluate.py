@@ -1,0 +1,202 @@
+"""`sdsat-lsp eval`: completion quality the way an editor asks for it.
+
+Real held-out files are cut at random points inside lines; the model completes to the end of the
+line (`line` task). Separately, after a line ending in `:` the model writes the indented block
+that follows (`block` task). Scores: exact match (after trailing whitespace) and edit similarity
+(1 - Levenshtein distance / longer length, averaged). Greedy SDSAT decoding is identical to plain
+greedy decoding, so these figures are the model's own.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SdsatError
+
+
+@dataclass(frozen=True)
+class Sample:
+    task: str  # "line" | "block"
+    path: str
+    prompt: str
+    target: str
+
+
+def edit_similarity(a: str, b: str) -> float:
+    """1 - Levenshtein(a, b) / max(len): 1.0 for equal strings, 0.0 for nothing in common."""
+    if a == b:
+        return 1.0
+    if not a or not b:
+        return 0.0
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return 1.0 - previous[-1] / max(len(a), len(b))
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" \t"))
+
+
+def block_after(lines: list[str], opener: int, max_lines: int = 8) -> list[str]:
+    """The indented block under `lines[opener]` (which ends in ':'), blank lines inside kept."""
+    base = _indent(lines[opener])
+    block: list[str] = []
+    for line in lines[opener + 1 :]:
+        if line.strip() and _indent(line) <= base:
+            break
+        block.append(line)
+        if len(block) >= max_lines:
+            break
+    while block and not block[-1].strip():
+        block.pop()
+    return block
+
+
+def cut_samples(n_line: int, n_block: int, source=None, seed: int = 0, max_chars: int = 1500) -> list[Sample]:
+    """Seeded samples from held-out files (or every file under `source`)."""
+    from .corpus import is_held_out, python_files, read_text, stdlib_dir
+
+    root = Path(source) if source else stdlib_dir()
+    files = python_files(root)
+    if source is None:
+        files = [f for f in files if is_held_out(f, root)]
+    rng = random.Random(seed)
+    samples: list[Sample] = []
+    wanted = {"line": n_line, "block": n_block}
+    attempts = 0
+    while any(wanted.values()):
+        attempts += 1
+        if attempts > 100 * (n_line + n_block) + 100:
+            raise SdsatError("could not cut enough evaluation samples from the files")
+        path = rng.choice(files)
+        text = read_text(path)
+        if not text:
+            continue
+        lines = text.split("\n")
+        offsets = [0]
+        for line in lines:
+            offsets.append(offsets[-1] + len(line) + 1)
+        task = "line" if wanted["line"] and (not wanted["block"] or rng.random() < 0.5) else "block"
+        if task == "line":
+            i = rng.randrange(len(lines))
+            stripped = lines[i].strip()
+            if len(stripped) < 8 or stripped.startswith("#") or offsets[i] < 100:
+                continue
+            start = _indent(lines[i])
+            cut = rng.randrange(start + 1, len(lines[i].rstrip()))
+            prompt, target = text[: offsets[i] + cut], lines[i][cut:].rstrip()
+        else:
+            openers = [j for j, line in enumerate(lines) if line.rstrip().endswith(":") and not line.lstrip().startswith("#")
+                       and offsets[j] >= 100]
+            if not openers:
+                continue
+            j = rng.choice(openers)
+            block = block_after(lines, j)
+            if not block:
+                continue
+            prompt, target = text[: offsets[j + 1]], "\n".join(line.rstrip() for line in block)
+        samples.append(Sample(task, str(path), prompt[-max_chars:], target))
+        wanted[task] -= 1
+    return samples
+
+
+def complete(loaded, sample: Sample, k: int, adaptive_ids: list[int], max_new_tokens: int) -> str:
+    """The model's completion for `sample`, cut where an editor would cut it."""
+    from .engine import generate
+
+    tokenizer = loaded.tokenizer
+    prompt_ids = tokenizer(sample.prompt)["input_ids"]
+    mode = "fused" if adaptive_ids else "ar"  # a plain model is evaluated too (the "before" figure)
+
+    def decode(ids):
+        return tokenizer.decode(ids)
+
+    if sample.task == "line":
+        out = generate(loaded.model, prompt_ids, mode=mode, k=k, adaptive_ids=adaptive_ids, max_new_tokens=max_new_tokens,
+                       stop_strings=["\n"], decode=decode)
+        return decode(out.tokens).split("\n", 1)[0].rstrip()
+    opener_indent = _indent(sample.prompt.rstrip("\n").rsplit("\n", 1)[-1])
+
+    def dedented(ids) -> bool:
+        lines = decode(ids).split("\n")
+        return any(line.strip() and _indent(line) <= opener_indent for line in lines[:-1])
+
+    out = generate(loaded.model, prompt_ids, mode=mode, k=k, adaptive_ids=adaptive_ids, max_new_tokens=4 * max_new_tokens,
+                   decode=decode, should_stop=dedented)
+    lines = decode(out.tokens).split("\n")
+    if out.finish_reason != "stop":
+        lines = lines[:-1] if len(lines) > 1 else lines
+    block = block_after([" " * opener_indent + "x:"] + lines, 0)
+    return "\n".join(line.rstrip() for line in block)
+
+
+def run_eval(loaded, samples: list[Sample], k: int, adaptive_ids: list[int], max_new_tokens: int = 48,
+             progress=None) -> dict:
+    by_task: dict[str, list[tuple[bool, float]]] = {"line": [], "block": []}
+    examples = []
+    started = time.perf_counter()
+    for i, sample in enumerate(samples):
+        got = complete(loaded, sample, k, adaptive_ids, max_new_tokens)
+        by_task[sample.task].append((got == sample.target, edit_similarity(got, sample.target)))
+        if len(examples) < 5:
+            examples.append({"task": sample.task, "target": sample.target, "completion": got})
+        if progress:
+            progress(i + 1, len(samples))
+    result: dict = {}
+    for task, scores in by_task.items():
+        result[task] = {
+            "exact_match": round(sum(s[0] for s in scores) / len(scores), 4) if scores else None,
+            "edit_similarity": round(sum(s[1] for s in scores) / len(scores), 4) if scores else None,
+            "samples": len(scores),
+        }
+    result.update(exact_match=result["line"]["exact_match"], edit_similarity=result["line"]["edit_similarity"],
+                  samples=len(samples), wall_s=round(time.perf_counter() - started, 2), examples=examples)
+    return result
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", help="model folder or hub id (default: the embedded model)")
+    p.add_argument("--quantize", default="auto", help="auto | none | nf4 | int8 | dynamic-int8")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--samples", type=int, default=100, help="line-completion samples (default 100)")
+    p.add_argument("--block-samples", type=int, default=30, help="block-completion samples (default 30)")
+    p.add_argument("--source", help="cut samples from the Python files under this folder (default: held-out stdlib files)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-chars", type=int, default=1500)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--json", dest="json_path", help="write the results here")
+
+
+def main(args) -> int:
+    from .embedded import resolve_model
+
+    if args.samples < 0 or args.block_samples < 0 or args.samples + args.block_samples == 0:
+        raise SdsatError("--samples and --block-samples must be non-negative, and not both zero")
+    loaded = resolve_model(args.model, quantize=args.quantize, device=args.device, dtype=args.dtype)
+    k, adaptive_ids = loaded.card.k, list(loaded.card.adaptive_ids)
+    samples = cut_samples(args.samples, args.block_samples, source=args.source, seed=args.seed, max_chars=args.prompt_chars)
+
+    def progress(done, total):
+        print(f"\r  sample {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    result = run_eval(loaded, samples, k, adaptive_ids, args.max_new_tokens, progress)
+    print(file=sys.stderr)
+    result.update(model=str(loaded.ref), quantize=loaded.quantize, device=loaded.device, source=args.source or "stdlib-held-out",
+                  seed=args.seed)
+    for task in ("line", "block"):
+        r = result[task]
+        if r["samples"]:
+            print(f"{task:<6} exact_match {r['exact_match']:.3f}  edit_similarity {r['edit_similarity']:.3f}  ({r['samples']} samples)")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
