@@ -181,6 +181,7 @@ def add_arguments(p) -> None:
     p.add_argument("--source", help="train on the Python files under this folder (default: the standard library)")
     p.add_argument("--eval-prompts", type=int, default=20, help="held-out prompts for the acceptance evaluation")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
 
 
 def _held_out_split(source):
@@ -293,6 +294,7 @@ def acceptance_by_k(model, held: torch.Tensor, adaptive_ids: list[int], max_k: i
 def _save_checkpoint(path: Path, model, opt, sched, step: int, rng: random.Random) -> None:
     tmp = path.with_suffix(".tmp")
     trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    # Optimizer state stays on the training device; torch.load(map_location=...) brings it back.
     torch.save({"step": step, "trainable": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(),
                 "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
     tmp.replace(path)  # atomic: a kill mid-save leaves the previous checkpoint intact
@@ -308,6 +310,12 @@ def run_training(args) -> dict:
     (out / "command.txt").write_text("sdsat-lsp train " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:]) + "\n")
     from_scratch = args.init is None
     model, tokenizer, adaptive_ids = _new_model(args, out) if from_scratch else _pretrained_model(args)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from .errors import SdsatError
+
+        raise SdsatError("--device cuda was asked for, but this machine has no CUDA GPU (torch.cuda.is_available() is False)")
+    model.to(device)
     peft_mode = args.peft if args.peft != "auto" else ("none" if from_scratch else "lora")
     data = _prepare_data(args, out, tokenizer)
     train_stream, held = data["train"], data["held"]
@@ -335,7 +343,7 @@ def run_training(args) -> dict:
     start_step = 0
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=device)
         named = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in state["trainable"].items():
@@ -343,7 +351,7 @@ def run_training(args) -> dict:
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
         start_step = state["step"]
         log.info("resumed from step %d", start_step)
 
