@@ -3,6 +3,7 @@ rises clearly) without touching what real tokens see, and `sdsat-lsp train` resu
 
 from __future__ import annotations
 
+import math
 import random
 from types import SimpleNamespace
 
@@ -92,5 +93,7 @@ def test_resume_after_a_stop_equals_one_uninterrupted_run(tmp_path, small_source
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
     assert straight["after"]["heldout_real_loss"] == pytest.approx(chunked["after"]["heldout_real_loss"], rel=1e-5)
-    assert straight["before"]["heldout_real_loss"] > straight["after"]["heldout_real_loss"]
+    # Trained from scratch: "before" is random weights, whose loss is about ln(vocab).
+    assert "random" in straight["before"]["note"]
+    assert straight["after"]["heldout_real_loss"] < math.log(320) - 0.1
     assert set(straight["after"]["mean_accepted_by_k"]) == {"1", "2", "3"} or set(straight["after"]["mean_accepted_by_k"]) == {1, 2, 3}
