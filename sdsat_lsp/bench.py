@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() comparison")
     p.add_argument("--json", dest="json_path", help="write the results here")
+    p.add_argument("--editor-session", metavar="FILE",
+                   help="instead: replay typing FILE against the server over stdio, with and without the KV cache")
 
 
 def _median(values: list[float]) -> float:
@@ -152,9 +154,25 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _editor_session(args) -> int:
+    from .session_bench import run_editor_session
+
+    if not Path(args.editor_session).is_file():
+        raise SdsatError(f"--editor-session file {args.editor_session} does not exist")
+    settings = {"quantize": args.quantize, "device": args.device}
+    if args.k is not None:
+        settings["k"] = args.k
+    result = run_editor_session(args.editor_session, model=args.model, settings=settings, json_out=args.json_path)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def main(args) -> int:
     from .corpus import cut_prompts
     from .embedded import resolve_model
+
+    if args.editor_session:
+        return _editor_session(args)
 
     if args.k is not None and args.k < 1:
         raise SdsatError(f"--k must be at least 1 (got {args.k})")
