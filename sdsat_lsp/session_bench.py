@@ -24,17 +24,10 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
+from .server import _plain
 
 log = logging.getLogger(__name__)
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "_asdict"):
-        return {k: _plain(v) for k, v in value._asdict().items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _percentile(values: list[float], q: float) -> float:
