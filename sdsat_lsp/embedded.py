@@ -15,7 +15,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 EMBEDDED_DIR = Path(__file__).parent / "models" / "default"
-DEMO_VERSION = "micro-v1"
+DEMO_VERSION = "micro-v2"  # v2: no FIM ids (the demo never learned to infill)
 
 
 def embedded_model_dir() -> Path | None:
@@ -37,7 +37,7 @@ def demo_model_dir() -> Path:
     log.warning("no embedded model yet: building the micro demo model in %s (about 15 s, once)", folder)
     model, tokenizer, _ = train_micro()
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    save_tiny(model, tokenizer, tmp, k=5)
+    save_tiny(model, tokenizer, tmp, k=5, fim=False)
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(folder)

@@ -85,8 +85,9 @@ def build_tiny_model(tokenizer, seed: int = 0, init_std: float = 0.02, **config_
     return model.eval()
 
 
-def save_tiny(model, tokenizer, folder: str | Path, k: int = 5) -> Path:
-    """Save weights (safetensors), tokenizer and the SDSAT model card beside them."""
+def save_tiny(model, tokenizer, folder: str | Path, k: int = 5, fim: bool = True) -> Path:
+    """Save weights (safetensors), tokenizer and the SDSAT model card beside them. `fim=False` for a
+    model that was not trained to infill, so a server never builds FIM prompts for it."""
     from .modelcard import ModelCard, write_model_card
 
     folder = Path(folder)
@@ -96,7 +97,7 @@ def save_tiny(model, tokenizer, folder: str | Path, k: int = 5) -> Path:
     card = ModelCard(
         adaptive_ids=[tokenizer.convert_tokens_to_ids(ADAPTIVE_TOKEN)],
         k=k,
-        fim={name: tokenizer.convert_tokens_to_ids(tok) for name, tok in FIM_TOKENS.items()},
+        fim={name: tokenizer.convert_tokens_to_ids(tok) for name, tok in FIM_TOKENS.items()} if fim else {},
         context_length=model.config.max_position_embeddings,
     )
     write_model_card(folder, card)
