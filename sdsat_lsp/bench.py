@@ -53,8 +53,6 @@ def _median(values: list[float]) -> float:
 def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[int], max_new_tokens: int,
               with_hf: bool = True, progress=None) -> dict:
     """Decode every prompt with every mode; return the figures (see `main` for the keys)."""
-    import torch
-
     from .engine import generate
 
     model = loaded.model

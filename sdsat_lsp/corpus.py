@@ -47,6 +47,14 @@ def is_held_out(path: Path, root: Path | None = None, fraction: float = 0.05) ->
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 
+def split_files(source: str | Path | None = None) -> tuple[Path, list[Path], list[Path]]:
+    """(root, training files, held-out files) under `source` (default: the standard library)."""
+    root = Path(source) if source is not None else stdlib_dir()
+    files = python_files(root)
+    held = [f for f in files if is_held_out(f, root)]
+    return root, [f for f in files if not is_held_out(f, root)], held
+
+
 def file_list_hash(files: list[Path], root: Path) -> str:
     h = hashlib.sha256()
     for f in files:

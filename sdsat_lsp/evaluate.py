@@ -63,12 +63,9 @@ def block_after(lines: list[str], opener: int, max_lines: int = 8) -> list[str]:
 
 def cut_samples(n_line: int, n_block: int, source=None, seed: int = 0, max_chars: int = 1500) -> list[Sample]:
     """Seeded samples from held-out files (or every file under `source`)."""
-    from .corpus import is_held_out, python_files, read_text, stdlib_dir
+    from .corpus import python_files, read_text, split_files
 
-    root = Path(source) if source else stdlib_dir()
-    files = python_files(root)
-    if source is None:
-        files = [f for f in files if is_held_out(f, root)]
+    files = python_files(source) if source else split_files()[2]
     rng = random.Random(seed)
     samples: list[Sample] = []
     wanted = {"line": n_line, "block": n_block}

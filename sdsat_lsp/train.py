@@ -106,6 +106,19 @@ def token_chunks(token_stream: list[int], length: int, rng: random.Random, count
     return torch.tensor([token_stream[s : s + length] for s in starts], dtype=torch.long)
 
 
+def train_step(model, opt, sched, params, tokens: torch.Tensor, adaptive_ids: list[int], max_block: int,
+               blocks_per_row: int, adaptive_weight: float, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on SDSAT blocks added to `tokens` (B, T); returns the two losses."""
+    batch = make_sdsat_batch(tokens, adaptive_ids, max_block, blocks_per_row, rng)
+    real, adaptive = sdsat_losses(model, batch)
+    opt.zero_grad(set_to_none=True)
+    (real + adaptive_weight * adaptive).backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    return real.detach(), adaptive.detach()
+
+
 def train_steps(
     model,
     token_stream: list[int],
@@ -120,7 +133,7 @@ def train_steps(
     adaptive_weight: float = 1.0,
     seed: int = 0,
     params=None,
-    log=None,
+    on_step=None,
 ):
     """A plain AdamW loop over random windows; returns the last (real, adaptive) losses."""
     rng = random.Random(seed)
@@ -132,16 +145,10 @@ def train_steps(
     real = adaptive = torch.tensor(0.0)
     for step in range(steps):
         tokens = token_chunks(token_stream, seq_len, rng, batch_size)
-        batch = make_sdsat_batch(tokens, adaptive_ids, max_block, blocks_per_row, rng)
-        real, adaptive = sdsat_losses(model, batch)
-        loss = real + adaptive_weight * adaptive
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if log is not None:
-            log(step, real.item(), adaptive.item())
+        real, adaptive = train_step(model, opt, sched, params, tokens, adaptive_ids, max_block, blocks_per_row,
+                                    adaptive_weight, rng)
+        if on_step is not None:
+            on_step(step, real.item(), adaptive.item())
     model.eval()
     return real.item(), adaptive.item()
 
@@ -184,24 +191,14 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
 
 
-def _held_out_split(source):
-    from .corpus import is_held_out, python_files, stdlib_dir
-
-    root = Path(source) if source else stdlib_dir()
-    files = python_files(root)
-    train = [f for f in files if not is_held_out(f, root)]
-    held = [f for f in files if is_held_out(f, root)]
-    return root, train, held
-
-
 def _prepare_data(args, out: Path, tokenizer):
     """Token streams for training and held-out files, cached in `out` (tokenizing takes a while)."""
-    from .corpus import file_list_hash, token_stream
+    from .corpus import file_list_hash, split_files, token_stream
 
     cache = out / "data.pt"
     if cache.exists():
         return torch.load(cache, weights_only=True)
-    root, train_files, held_files = _held_out_split(args.source)
+    root, train_files, held_files = split_files(args.source)
     log.info("tokenizing %d training and %d held-out files", len(train_files), len(held_files))
     data = {
         "train": torch.tensor(token_stream(tokenizer, train_files), dtype=torch.int32),
@@ -368,14 +365,8 @@ def run_training(args) -> dict:
             log.info("stopped after step %d of %d; run the same command again to resume", step, args.steps)
             return report
         tokens = token_chunks(stream, args.seq_len, rng, args.batch_size)
-        batch = make_sdsat_batch(tokens, adaptive_ids, args.max_block, args.blocks_per_row, rng)
-        real, adaptive = sdsat_losses(model, batch)
-        loss = real + args.adaptive_weight * adaptive
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        real, adaptive = train_step(model, opt, sched, params, tokens, adaptive_ids, args.max_block,
+                                    args.blocks_per_row, args.adaptive_weight, rng)
         tokens_seen += tokens.numel()
         bar.set_postfix(real=f"{real.item():.3f}", adaptive=f"{adaptive.item():.3f}",
                         tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 
 from sdsat_lsp.engine import generate
 from sdsat_lsp.errors import SdsatError
+from sdsat_lsp.kvcache import common_prefix_len
 
 SDSAT_MODES = ("two-pass", "fused")
 
@@ -138,9 +139,7 @@ def test_cache_reuse_gives_same_output_and_keeps_continuation(sdsat_micro, code_
     half = generate(model, prompt[: len(prompt) // 2], mode="ar", max_new_tokens=1, eos_ids=[], cache=cache)
     assert cache.get_seq_length() == len(half.cache_ids)
     # The cache holds a prefix of `prompt` (plus one generated token, which may differ: crop it).
-    common = 0
-    while common < len(half.cache_ids) and half.cache_ids[common] == prompt[common]:
-        common += 1
+    common = common_prefix_len(half.cache_ids, prompt)
     cache.crop(common - cache.get_seq_length())
     reused = generate(model, prompt, k=5, adaptive_ids=[adaptive], max_new_tokens=30, eos_ids=[], cache=cache)
     assert reused.tokens == fresh.tokens
