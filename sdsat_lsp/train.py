@@ -42,6 +42,11 @@ class SdsatBatch:
     real_len: int  # T
 
 
+def sample_anchors(batch: int, real_len: int, blocks_per_row: int, rng: random.Random) -> list[list[int]]:
+    """Random anchor positions per row; each leaves at least one real token to predict."""
+    return [[rng.randrange(0, real_len - 1) for _ in range(blocks_per_row)] for _ in range(batch)]
+
+
 def make_sdsat_batch(
     tokens: torch.Tensor,
     adaptive_ids: list[int],
@@ -49,12 +54,19 @@ def make_sdsat_batch(
     blocks_per_row: int,
     rng: random.Random,
     dtype: torch.dtype = torch.float32,
+    anchors: list[list[int]] | None = None,
+    block_targets: torch.Tensor | None = None,
 ) -> SdsatBatch:
     """Append `blocks_per_row` adaptive blocks of `max_block` slots at random anchors to each row of
     `tokens` (B, T). Every block has the full length (the contract is the same for any k <= L: slot
-    j only sees slots before it, so a block of L trains every k at once)."""
+    j only sees slots before it, so a block of L trains every k at once).
+
+    Labels of a block are the file's next tokens, or `block_targets` (B, blocks, L) when given (the
+    model's own greedy continuation: see `greedy_block_targets`)."""
     B, T = tokens.shape
     L = max_block
+    if anchors is None:
+        anchors = sample_anchors(B, T, blocks_per_row, rng)
     S = T + blocks_per_row * L
     ids = torch.empty(B, S, dtype=torch.long)
     pos = torch.empty(B, S, dtype=torch.long)
@@ -62,19 +74,18 @@ def make_sdsat_batch(
     allowed = torch.zeros(B, S, S, dtype=torch.bool)
     causal_real = torch.ones(T, T, dtype=torch.bool).tril()
     causal_block = torch.ones(L, L, dtype=torch.bool).tril()
-    block_ids = torch.tensor((adaptive_ids * L)[:L] if len(adaptive_ids) == 1 else adaptive_ids[:L])
+    block_ids = _block_ids(adaptive_ids, L)
     for b in range(B):
         ids[b, :T] = tokens[b]
         pos[b, :T] = torch.arange(T)
         labels[b, : T - 1] = tokens[b, 1:]
         allowed[b, :T, :T] = causal_real
-        # Anchors leave at least one real token to predict.
-        anchors = [rng.randrange(0, T - 1) for _ in range(blocks_per_row)]
-        for i, t in enumerate(anchors):
+        for i, t in enumerate(anchors[b]):
             s = T + i * L
             ids[b, s : s + L] = block_ids
             pos[b, s : s + L] = torch.arange(t + 1, t + 1 + L)
-            targets = tokens[b, t + 2 : t + 2 + L]  # A_j (j = 1..L) predicts x_{t+j+1}
+            # A_j (j = 1..L) stands in for x_{t+j} and predicts x_{t+j+1}.
+            targets = tokens[b, t + 2 : t + 2 + L] if block_targets is None else block_targets[b, i]
             labels[b, s : s + len(targets)] = targets
             allowed[b, s : s + L, : t + 1] = True
             allowed[b, s : s + L, s : s + L] = causal_block
@@ -83,19 +94,65 @@ def make_sdsat_batch(
     return SdsatBatch(ids, pos, mask, labels, T)
 
 
-def sdsat_losses(model, batch: SdsatBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(real-token loss, adaptive-token loss), each a mean cross-entropy over its own slots."""
+def _block_ids(adaptive_ids: list[int], length: int) -> torch.Tensor:
+    return torch.tensor((adaptive_ids * length)[:length] if len(adaptive_ids) == 1 else adaptive_ids[:length])
+
+
+@torch.no_grad()
+def greedy_block_targets(model, tokens: torch.Tensor, anchors: list[list[int]], max_block: int) -> torch.Tensor:
+    """(B, blocks, L): for each anchor t, tokens 2..L+1 of the model's own greedy continuation of x_0..x_t.
+
+    Decoding accepts a draft only when it equals what greedy decoding would emit, so the target
+    that maximizes acceptance is the model's greedy output, not the file's text (self-distillation,
+    as Medusa-2 does). Computed for every anchor at once: one pass over the real tokens, then L
+    small passes that each extend every anchor's continuation by one token through the KV cache,
+    each continuation seeing only x_0..x_t and itself (the mask of an SDSAT block)."""
+    from transformers import DynamicCache
+
     device = model.get_input_embeddings().weight.device
+    dtype = torch.float32 if not model.get_input_embeddings().weight.is_floating_point() else model.get_input_embeddings().weight.dtype
+    B, T = tokens.shape
+    M, L = len(anchors[0]), max_block
+    anchor_t = torch.tensor(anchors, dtype=torch.long, device=device)  # (B, M)
+    was_training = model.training
+    model.eval()
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=tokens.to(device), cache=cache, use_cache=True).logits
+    current = logits.gather(1, anchor_t[..., None].expand(B, M, logits.shape[-1])).argmax(-1)  # c_1: (B, M)
+    targets = torch.empty(B, M, L, dtype=torch.long)
+    neg = torch.finfo(dtype).min
+    for j in range(1, L + 1):  # feed c_j at position t+j, read c_{j+1}
+        past = T + (j - 1) * M
+        allowed = torch.zeros(B, M, past + M, dtype=torch.bool, device=device)
+        allowed[:, :, :T] = torch.arange(T, device=device)[None, None] <= anchor_t[..., None]
+        for i in range(1, j):  # this anchor's earlier continuation tokens, one per earlier step
+            allowed[:, torch.arange(M), T + (i - 1) * M + torch.arange(M)] = True
+        allowed[:, torch.arange(M), past + torch.arange(M)] = True
+        mask = torch.zeros(B, 1, M, past + M, dtype=dtype, device=device).masked_fill_(~allowed[:, None], neg)
+        out = model(input_ids=current, position_ids=anchor_t + j, attention_mask=mask, cache=cache, use_cache=True)
+        current = out.logits.argmax(-1)
+        targets[:, :, j - 1] = current.cpu()
+    model.train(was_training)
+    return targets
+
+
+def sdsat_losses(model, batch: SdsatBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real-token loss, adaptive-token loss), each a mean cross-entropy over its own slots.
+    A batch without blocks is plain causal language modelling (no explicit mask: the fast path)."""
+    device = model.get_input_embeddings().weight.device
+    plain = batch.input_ids.shape[1] == batch.real_len
     out = model(
         input_ids=batch.input_ids.to(device),
-        position_ids=batch.position_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
+        position_ids=None if plain else batch.position_ids.to(device),
+        attention_mask=None if plain else batch.attention_mask.to(device),
         use_cache=False,
     )
     logits = out.logits.float()
     labels = batch.labels.to(device)
     T = batch.real_len
     real = F.cross_entropy(logits[:, :T].reshape(-1, logits.shape[-1]), labels[:, :T].reshape(-1), ignore_index=IGNORE)
+    if plain:
+        return real, torch.zeros((), device=device)
     adaptive = F.cross_entropy(logits[:, T:].reshape(-1, logits.shape[-1]), labels[:, T:].reshape(-1), ignore_index=IGNORE)
     return real, adaptive
 
@@ -107,9 +164,16 @@ def token_chunks(token_stream: list[int], length: int, rng: random.Random, count
 
 
 def train_step(model, opt, sched, params, tokens: torch.Tensor, adaptive_ids: list[int], max_block: int,
-               blocks_per_row: int, adaptive_weight: float, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on SDSAT blocks added to `tokens` (B, T); returns the two losses."""
-    batch = make_sdsat_batch(tokens, adaptive_ids, max_block, blocks_per_row, rng)
+               blocks_per_row: int, adaptive_weight: float, rng: random.Random,
+               targets: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on SDSAT blocks added to `tokens` (B, T); returns the two losses.
+    `targets`: what a block learns to predict, "data" (the file's next tokens) or "greedy"."""
+    anchors = sample_anchors(tokens.shape[0], tokens.shape[1], blocks_per_row, rng)
+    block_targets = None
+    if targets == "greedy" and blocks_per_row:
+        block_targets = greedy_block_targets(model, tokens, anchors, max_block)
+    batch = make_sdsat_batch(tokens, adaptive_ids, max_block, blocks_per_row, rng, anchors=anchors,
+                             block_targets=block_targets)
     real, adaptive = sdsat_losses(model, batch)
     opt.zero_grad(set_to_none=True)
     (real + adaptive_weight * adaptive).backward()
@@ -134,6 +198,7 @@ def train_steps(
     seed: int = 0,
     params=None,
     on_step=None,
+    targets: str = "data",
 ):
     """A plain AdamW loop over random windows; returns the last (real, adaptive) losses."""
     rng = random.Random(seed)
@@ -146,7 +211,7 @@ def train_steps(
     for step in range(steps):
         tokens = token_chunks(token_stream, seq_len, rng, batch_size)
         real, adaptive = train_step(model, opt, sched, params, tokens, adaptive_ids, max_block, blocks_per_row,
-                                    adaptive_weight, rng)
+                                    adaptive_weight, rng, targets)
         if on_step is not None:
             on_step(step, real.item(), adaptive.item())
     model.eval()
@@ -179,7 +244,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-block", type=int, default=5, help="L: adaptive tokens per block (trains every k <= L)")
-    p.add_argument("--blocks-per-row", type=int, default=8)
+    p.add_argument("--blocks-per-row", type=int, default=8, help="adaptive blocks per row; 0: plain language-model training (a base model)")
+    p.add_argument("--targets", choices=["data", "greedy"], default="data",
+                   help="what a block learns: the file's next tokens, or the model's own greedy continuation (self-distillation: higher acceptance)")
     p.add_argument("--lr", type=float, default=None, help="default 3e-3 from scratch, 5e-4 for lora")
     p.add_argument("--adaptive-weight", type=float, default=1.0, help="loss = real + w * adaptive")
     p.add_argument("--seed", type=int, default=0)
@@ -366,7 +433,7 @@ def run_training(args) -> dict:
             return report
         tokens = token_chunks(stream, args.seq_len, rng, args.batch_size)
         real, adaptive = train_step(model, opt, sched, params, tokens, adaptive_ids, args.max_block,
-                                    args.blocks_per_row, args.adaptive_weight, rng)
+                                    args.blocks_per_row, args.adaptive_weight, rng, args.targets)
         tokens_seen += tokens.numel()
         bar.set_postfix(real=f"{real.item():.3f}", adaptive=f"{adaptive.item():.3f}",
                         tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
@@ -385,7 +452,8 @@ def run_training(args) -> dict:
                        "mean_accepted_by_k": acceptance_by_k(model, held, adaptive_ids, args.max_block, args.eval_prompts)}
     report.update(files_hash=data["files_hash"], held_out_files=len(data["held_files"]), train_tokens=len(stream),
                   held_tokens=len(held), steps=args.steps, seed=args.seed, peft=peft_mode, lr=lr,
-                  loss_mix=f"real + {args.adaptive_weight} * adaptive", adaptive_ids=adaptive_ids)
+                  loss_mix=f"real + {args.adaptive_weight} * adaptive", adaptive_ids=adaptive_ids,
+                  block_targets=args.targets, blocks_per_row=args.blocks_per_row)
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     return report
 

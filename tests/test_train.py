@@ -11,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdsat_lsp.train import acceptance_by_k, add_arguments, make_sdsat_batch, run_training, train_steps
+from sdsat_lsp.engine import generate
+from sdsat_lsp.train import (acceptance_by_k, add_arguments, greedy_block_targets, make_sdsat_batch, run_training,
+                              sample_anchors, train_steps)
 
 
 def test_block_outputs_equal_the_inference_contract(sdsat_micro, code_stream):
@@ -32,6 +34,20 @@ def test_block_outputs_equal_the_inference_contract(sdsat_micro, code_stream):
             # Labels: slot j of the block stands for x_{t+j+1}.
             want = x[0, t + 2 : t + 2 + L]
             assert batch.labels[0, s : s + len(want)].tolist() == want.tolist()
+
+
+def test_greedy_block_targets_are_the_models_own_greedy_continuation(sdsat_micro, code_stream):
+    """Self-distillation targets for anchor t equal tokens 2..L+1 of plain greedy decoding of
+    x_0..x_t (all anchors of a batch computed together through one cache)."""
+    model, _, _ = sdsat_micro
+    T, L = 48, 4
+    x = torch.tensor([code_stream[300 : 300 + T], code_stream[900 : 900 + T]])
+    anchors = sample_anchors(2, T, 5, random.Random(7))
+    targets = greedy_block_targets(model, x, anchors, L)
+    for b in range(2):
+        for i, t in enumerate(anchors[b]):
+            greedy = generate(model, x[b, : t + 1].tolist(), mode="ar", max_new_tokens=L + 1, eos_ids=[]).tokens
+            assert targets[b, i].tolist() == greedy[1:], (b, t)
 
 
 def _fresh_micro(tokenizer):
