@@ -82,13 +82,14 @@ def cut_prompts(
     seed: int = 0,
     max_chars: int = 1500,
     min_chars: int = 200,
+    files: list[Path] | None = None,
 ) -> list[CodePrompt]:
     """`n` prompts cut from real files at line starts: the text before a random line, up to `max_chars`.
 
     The cut is at a line start so the model continues a fresh line, the way an editor asks after
     Enter; the window start is moved forward to a line start too, so a prompt never opens mid-token.
     """
-    files = python_files(source)
+    files = files if files is not None else python_files(source)
     rng = random.Random(seed)
     prompts: list[CodePrompt] = []
     attempts = 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import logging
 import re
 import sys
@@ -54,6 +55,8 @@ _IMPORTED = time.perf_counter()
 
 STATUS = "sdsat/status"
 STATS = "sdsat/stats"
+CONFIG_SECTION = "sdsat"  # the settings section pulled with workspace/configuration
+CONFIG_PULL_TIMEOUT_S = 2.0
 DECODING_MODES = ("fused", "two-pass", "ar")
 RELOAD_KEYS = ("model", "quantize", "device", "dtype", "threads")  # changing these reloads the model
 
@@ -251,6 +254,36 @@ class SdsatServer(LanguageServer):
                     self.store.clear()
         if self.state != "starting" and any(getattr(old, k) != getattr(new, k) for k in RELOAD_KEYS):
             self.start_loading()
+
+    def supports_configuration_pull(self) -> bool:
+        workspace = self.client_capabilities.workspace
+        return bool(workspace and workspace.configuration)
+
+    async def pull_configuration(self) -> None:
+        """Ask the client for its "sdsat" section (workspace/configuration). A client that does not
+        answer in time keeps the settings we have: loading must not wait on it forever."""
+        if not self.supports_configuration_pull():
+            return
+        request = types.ConfigurationParams(items=[types.ConfigurationItem(section=CONFIG_SECTION)])
+        try:
+            values = await asyncio.wait_for(self.workspace_configuration_async(request), CONFIG_PULL_TIMEOUT_S)
+        except Exception as exc:  # a timeout or an error reply: not fatal
+            log.warning("workspace/configuration failed (%s); keeping the current settings", exc or type(exc).__name__)
+            return
+        value = values[0] if isinstance(values, (list, tuple)) and values else None
+        log.info("workspace/configuration: %r", value)
+        if value is not None:
+            self.apply_settings(_plain(value), "workspace/configuration")
+
+    def report_server_error(self, error: Exception, source) -> None:
+        """A message body that is not JSON gets the JSON-RPC parse error (id null), as the spec asks,
+        instead of silence; the connection goes on with the next message."""
+        if isinstance(error, json.JSONDecodeError):
+            log.warning("a message that is not JSON: %s", error)
+            self.protocol._send_data({"jsonrpc": "2.0", "id": None,
+                                      "error": {"code": -32700, "message": f"Parse error: {error}"}})
+            return
+        super().report_server_error(error, source)
 
     # -- model loading ----------------------------------------------------------------------------
 
@@ -524,8 +557,10 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
             ls.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions())(on_completion)
 
     @server.feature(types.INITIALIZED)
-    def on_initialized(ls: SdsatServer, params: types.InitializedParams) -> None:
-        """Start importing torch and loading the model in the background."""
+    async def on_initialized(ls: SdsatServer, params: types.InitializedParams) -> None:
+        """Pull the "sdsat" settings when the client serves them, then import torch and load the
+        model in the background (with those settings, so the model is not loaded twice)."""
+        await ls.pull_configuration()
         ls.start_loading()
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
@@ -547,9 +582,13 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
         return completion_items(outcome, cursor, rest, word, ls.workspace.position_codec.client_num_units)
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
-    def on_configuration(ls: SdsatServer, params: types.DidChangeConfigurationParams) -> None:
-        """Apply new settings; model settings reload the model."""
-        ls.apply_settings(params.settings, "workspace/didChangeConfiguration")
+    async def on_configuration(ls: SdsatServer, params: types.DidChangeConfigurationParams) -> None:
+        """Apply new settings; model settings reload the model. Clients of the pull model (VS Code's
+        language client among them) send no settings here, only the news that they changed."""
+        if params.settings is None and ls.supports_configuration_pull():
+            await ls.pull_configuration()
+        else:
+            ls.apply_settings(params.settings, "workspace/didChangeConfiguration")
 
     @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
     def on_open(ls: SdsatServer, params: types.DidOpenTextDocumentParams) -> None:

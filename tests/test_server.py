@@ -48,13 +48,13 @@ def main(argv):
 '''
 
 
-def capabilities(inline: bool = True, encodings: list[str] | None = None) -> types.ClientCapabilities:
+def capabilities(inline: bool = True, encodings: list[str] | None = None, pull: bool = False) -> types.ClientCapabilities:
     """Client capabilities by hand: pytest-lsp's bundled snapshots have no inlineCompletion."""
     return types.ClientCapabilities(
         general=types.GeneralClientCapabilities(position_encodings=encodings) if encodings else None,
         window=types.WindowClientCapabilities(work_done_progress=True),
         workspace=types.WorkspaceClientCapabilities(
-            did_change_configuration=types.DidChangeConfigurationClientCapabilities()),
+            did_change_configuration=types.DidChangeConfigurationClientCapabilities(), configuration=pull or None),
         text_document=types.TextDocumentClientCapabilities(
             synchronization=types.TextDocumentSyncClientCapabilities(),
             completion=types.CompletionClientCapabilities(),
@@ -82,9 +82,13 @@ class Session:
         self.versions: dict[str, int] = {}
 
     @classmethod
-    async def start(cls, options: dict, caps: types.ClientCapabilities, wait: bool = True) -> Session:
+    async def start(cls, options: dict, caps: types.ClientCapabilities, wait: bool = True,
+                    configuration: dict | None = None) -> Session:
+        """`configuration`: the "sdsat" section this client serves to workspace/configuration."""
         client = await ClientServerConfig(server_command=SERVER).start()
         statuses: list[dict] = []
+        if configuration is not None:
+            client.set_configuration(configuration, section="sdsat")
 
         @client.feature("sdsat/status")
         def on_status(params):
@@ -425,6 +429,13 @@ async def test_bad_input_never_crashes_or_hangs(main_server):
         await asyncio.wait_for(s.raw_request("bad-params", types.TEXT_DOCUMENT_INLINE_COMPLETION,
                                              b'{"textDocument": {"uri": 5}, "position": "here"}'), 10)
     assert info.value.code == -32602  # InvalidParams
+    # A body that is not JSON: the JSON-RPC parse error (id null), and the connection goes on.
+    parse_error = concurrent.futures.Future()
+    s.client.protocol._request_futures[None] = parse_error  # pygls matches responses by id
+    s.client._server.stdin.write(b"Content-Length: 9\r\n\r\nnot json{")
+    with pytest.raises(JsonRpcException) as info:
+        await asyncio.wait_for(asyncio.wrap_future(parse_error), 10)
+    assert info.value.code == -32700
     # Custom request with garbage params.
     assert (await s.stats(last="many", uri=7))["state"] == "ready"
     # A 5 MB document: opened, completed at its end and in its middle, changed, closed.
@@ -459,7 +470,8 @@ async def test_bad_input_never_crashes_or_hangs(main_server):
 
 async def test_load_utf8_and_completion_fallback(tiny_model_dir, reference):
     session = await Session.start({"model": str(tiny_model_dir), **BASE_OPTIONS},
-                                  capabilities(inline=False, encodings=["utf-8", "utf-16"]), wait=False)
+                                  capabilities(inline=False, encodings=["utf-8", "utf-16"], pull=True), wait=False,
+                                  configuration={"maxSuffixTokens": 33})
     try:
         caps = session.init_result.capabilities
         assert caps.position_encoding == types.PositionEncodingKind.Utf8
@@ -489,6 +501,15 @@ async def test_load_utf8_and_completion_fallback(tiny_model_dir, reference):
                 text[column_cp: column_cp + expected.replace_chars].encode("utf-8"))
         stats = await session.last_request(uri)
         assert stats["promptTokens"] == len(reference(text, column_cp)[0].ids)
+        # Settings pulled with workspace/configuration at start, over the initializationOptions, and
+        # again when a pull-model client says only that something changed (settings: null).
+        assert (await session.stats())["settings"]["maxSuffixTokens"] == 33
+        session.client.set_configuration({"maxSuffixTokens": 44}, section="sdsat")
+        session.configure(None)
+        deadline = time.perf_counter() + 10
+        while (await session.stats())["settings"]["maxSuffixTokens"] != 44:
+            assert time.perf_counter() < deadline, "the changed settings were not pulled"
+            await asyncio.sleep(0.05)
     finally:
         await session.stop()
 
