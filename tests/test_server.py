@@ -543,3 +543,123 @@ async def test_editor_session_replay_rebuilds_the_file():
             requests += 1
     assert "".join(line for line in doc if line.strip() != "# edited while typing") == text
     assert requests > text.count("\n") and edits >= 1
+
+
+# ---- policies end to end: multi-line, time budget, sampling -----------------------------------
+
+
+async def test_multiline_after_a_block_opener(main_server, reference):
+    """An empty line after a block opener asks for the block (multi-line), equal to greedy decoding
+    under the same rules; text after the cursor asks for one line."""
+    text = DOC.replace("def main(argv):\n", "def main(argv):\n    \n", 1)
+    line = text.splitlines().index("def main(argv):") + 1
+    uri = "file:///multiline.py"
+    main_server.open(uri, text)
+    try:
+        result = await main_server.inline(uri, line, 4)
+        stats = await main_server.last_request(uri)
+        assert stats["multiline"] is True
+        _, expected, _ = reference(text, offset_of(text, line, 4))
+        assert [i.insert_text for i in result.items] == ([expected.text] if expected else [])
+        await main_server.inline(uri, 15, 12)  # inside "count += 1"'s line: text after the cursor
+        assert (await main_server.last_request(uri))["multiline"] is False
+    finally:
+        main_server.close(uri)
+
+
+async def test_time_budget_ends_at_a_newline(main_server):
+    uri = "file:///budget.py"
+    main_server.open(uri, DOC + "\n")
+    main_server.configure({"maxTokens": 400, "lineMode": "multi", "mode": "ar", "timeBudgetMs": 1})
+    try:
+        await main_server.inline(uri, 19, 0)
+        s = await main_server.last_request(uri)
+        assert s["finishReason"] in ("budget", "stop") and s["newTokens"] < 400, s
+        main_server.configure({"timeBudgetMs": 0})
+        await main_server.inline(uri, 19, 0)
+        unbounded = await main_server.last_request(uri)
+        assert unbounded["finishReason"] != "budget" and unbounded["newTokens"] >= s["newTokens"]
+    finally:
+        main_server.configure(BASE_OPTIONS | {"lineMode": "auto", "mode": "fused"})
+        main_server.close(uri)
+
+
+async def test_sampling_settings_apply(main_server):
+    uri = "file:///sampling.py"
+    main_server.open(uri, DOC)
+    try:
+        greedy = [i.insert_text for i in (await main_server.inline(uri, 15, 12)).items]
+
+        async def sampled(seed):
+            main_server.configure({"temperature": 1.5, "seed": seed})
+            items = (await main_server.inline(uri, 15, 12)).items
+            return [i.insert_text for i in items]
+
+        first = await sampled(7)
+        assert await sampled(7) == first  # a fixed seed repeats (even through the KV cache)
+        draws = [first] + [await sampled(seed) for seed in (1, 2, 3, 4)]
+        assert any(d != greedy for d in draws)
+        assert len({tuple(d) for d in draws}) > 1
+    finally:
+        main_server.configure(BASE_OPTIONS | {"lineMode": "auto", "mode": "fused"})
+        main_server.close(uri)
+
+
+# ---- TCP --------------------------------------------------------------------------------------
+
+
+def _frame(message: dict) -> bytes:
+    body = json.dumps(message).encode()
+    return b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def _read_message(sock) -> dict:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, "connection closed"
+        data += chunk
+    header, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line for line in header.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[1])
+    while len(body) < length:
+        body += sock.recv(4096)
+    return json.loads(body[:length])
+
+
+async def test_tcp_transport():
+    """`sdsat-lsp --tcp HOST:PORT` serves the same protocol over a socket, and exits on exit."""
+    await asyncio.to_thread(_tcp_round_trip)
+
+
+def _tcp_round_trip():
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sdsat_lsp.cli", "--tcp", f"127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.perf_counter() + 30
+        while True:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+                break
+            except OSError:
+                assert time.perf_counter() < deadline, "the TCP server did not start listening"
+                time.sleep(0.1)
+        with sock:
+            sock.sendall(_frame({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                                 "params": {"processId": None, "rootUri": None, "capabilities": {}}}))
+            reply = _read_message(sock)
+            assert reply["id"] == 1 and "inlineCompletionProvider" in reply["result"]["capabilities"]
+            sock.sendall(_frame({"jsonrpc": "2.0", "id": 2, "method": "shutdown"}))
+            while _read_message(sock).get("id") != 2:
+                pass
+            sock.sendall(_frame({"jsonrpc": "2.0", "method": "exit"}))
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
