@@ -55,3 +55,97 @@ def resolve_model(ref=None, **load_options):
     from .model import load_model
 
     return load_model(ref if ref else default_model_ref(), **load_options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Installing a trained model as the embedded default (scripts/build-embedded-model).
+
+MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "sdsat.json")
+
+
+def install_embedded(model_dir: Path, manifest: dict, target: Path = EMBEDDED_DIR) -> Path:
+    """Copy `model_dir`'s weights, tokenizer and card into `target` with `manifest.json` (how the
+    model was made), replacing what was there in one rename."""
+    import hashlib
+    import json
+    import shutil
+
+    model_dir = Path(model_dir)
+    tmp = target.with_name(target.name + ".new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in MODEL_FILES:
+        if (model_dir / name).exists():
+            shutil.copy2(model_dir / name, tmp / name)
+    weights = tmp / "model.safetensors"
+    manifest = dict(manifest, sha256={name.name: hashlib.sha256(name.read_bytes()).hexdigest()
+                                      for name in sorted(tmp.iterdir())})
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if weights.stat().st_size > 50 * 2**20:
+        raise SystemExit(f"{weights} is {weights.stat().st_size / 2**20:.1f} MiB: over the 50 MB a commit may hold")
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _run_summary(run: Path) -> dict:
+    import json
+
+    report = json.loads((run / "report.json").read_text())
+    return {"command": (run / "command.txt").read_text().strip(), **{k: v for k, v in report.items()}}
+
+
+def _eval_summary(path: Path) -> dict:
+    import json
+
+    result = json.loads(Path(path).read_text())
+    return {k: v for k, v in result.items() if k != "examples"}
+
+
+def main(argv=None) -> int:
+    import argparse
+    import datetime
+    import platform
+
+    p = argparse.ArgumentParser(prog="python -m sdsat_lsp.embedded")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    inst = sub.add_parser("install", help="install a trained model folder as the embedded default, with a manifest")
+    inst.add_argument("model_dir")
+    inst.add_argument("--base-run", required=True, help="the base model's `sdsat-lsp train` output folder")
+    inst.add_argument("--sdsat-run", required=True, help="the SDSAT fine-tuning's output folder")
+    inst.add_argument("--eval-base", required=True)
+    inst.add_argument("--eval-sdsat", required=True)
+    inst.add_argument("--script", default="scripts/build-embedded-model")
+    args = p.parse_args(argv)
+
+    import torch
+    import transformers
+
+    base, sdsat = _run_summary(Path(args.base_run)), _run_summary(Path(args.sdsat_run))
+    manifest = {
+        "name": "sdsat-small-stdlib",
+        "made_by": args.script,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "data": {"source": "CPython standard library (sdsat_lsp.corpus.split_files: 5% of files held out by path hash)",
+                 "python": platform.python_version(), "files_hash": sdsat.get("files_hash"),
+                 "held_out_files": sdsat.get("held_out_files"), "train_tokens": sdsat.get("train_tokens"),
+                 "held_tokens": sdsat.get("held_tokens")},
+        "seed": {"base": base.get("seed"), "sdsat": sdsat.get("seed")},
+        "base_training": base,
+        "sdsat_fine_tuning": sdsat,
+        "eval_base": _eval_summary(Path(args.eval_base)),
+        "eval_sdsat": _eval_summary(Path(args.eval_sdsat)),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    target = install_embedded(Path(args.model_dir), manifest)
+    print(f"installed {args.model_dir} as {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
