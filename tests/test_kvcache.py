@@ -7,7 +7,7 @@ import gc
 import weakref
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sdsat_lsp.kvcache import KVCacheStore, cache_nbytes, common_prefix_len
@@ -182,3 +182,109 @@ def test_disabled_store_never_reuses(lm):
     _run(store, lm, "doc", prompt)
     lease, gen = _run(store, lm, "doc", prompt)
     assert lease.reused == 0 and gen.stats.prefill_tokens == len(prompt) and store.total_bytes == 0
+
+
+# ---- properties (hypothesis), on real DynamicCaches whose entries record their token ids ---------
+
+SNIPPETS = ["x", "self.", "(", ")", "\n", "\n    ", "    return ", "é", "😋", "e\u0301", "# note\n", ""]
+
+
+def _fill(cache, ids) -> None:
+    """Append KV entries whose values are the token ids, so that a test can read back what it holds."""
+    import torch
+
+    if ids:
+        t = torch.tensor(ids, dtype=torch.float32).view(1, 1, -1, 1)
+        for layer in range(2):
+            cache.update(t, t.clone(), layer)
+
+
+def _held(cache) -> list[int]:
+    from sdsat_lsp.kvcache import cache_len
+
+    return [int(x) for x in cache.layers[0].keys.flatten().tolist()] if cache_len(cache) else []
+
+
+def _decode_like_the_engine(lease, prompt: list[int], generated: list[int]) -> list[int]:
+    """What engine.generate does to a lent cache: keep at most all but the last prompt token, feed
+    the rest and the generated tokens, and hold the KV of everything but the newest token."""
+    from sdsat_lsp.kvcache import cache_len
+
+    reused = min(cache_len(lease.cache), len(prompt) - 1)
+    if cache_len(lease.cache) > reused:
+        lease.cache.crop(reused - cache_len(lease.cache))
+    seq = (prompt + generated)[: len(prompt) + max(0, len(generated) - 1)]
+    _fill(lease.cache, seq[reused:])
+    return seq
+
+
+def _check_entries(store) -> None:
+    from sdsat_lsp.kvcache import cache_len
+
+    for entry in store._entries.values():
+        assert cache_len(entry.cache) == len(entry.ids) and _held(entry.cache) == entry.ids
+        assert entry.nbytes == cache_nbytes(entry.cache)
+    assert store.total_bytes <= store.budget_bytes
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.integers(0, 8), st.sampled_from(SNIPPETS)), min_size=1, max_size=12),
+       st.integers(16, 160), st.lists(st.integers(8, 500), max_size=6))
+def test_cached_prefix_is_a_prefix_of_the_current_prompt(lm, edits, budget, generated):
+    """While a document is edited anywhere, the cache a request gets holds exactly the longest
+    common prefix of what it held and the new prompt's tokens, and after the request exactly
+    the prompt and its continuation."""
+    from transformers import DynamicCache
+
+    from sdsat_lsp.prompt import build_prompt
+
+    tokenizer = lm[1]
+    store = KVCacheStore(DynamicCache)
+    text, keep, before = CODE, None, []
+    for where, delete, insert in edits:
+        cursor = int(where * len(text))
+        start = max(0, cursor - delete)
+        text = text[:start] + insert + text[cursor:]
+        prompt = build_prompt(text, start + len(insert), tokenizer, max_tokens=budget, keep=keep)
+        keep, ids = prompt.window_head, list(prompt.ids)
+        lease = store.acquire("doc", ids)
+        assert lease.reused == common_prefix_len(before, ids)
+        assert _held(lease.cache) == ids[: lease.reused] == store.cached_ids("doc")
+        before = _decode_like_the_engine(lease, ids, generated)
+        store.release(lease, before)
+        assert store.cached_ids("doc") == before == _held(lease.cache)
+        _check_entries(store)
+
+
+KEYS = "abcde"
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("run"), st.sampled_from(KEYS), st.integers(1, 300), st.integers(0, 40)),
+    st.tuples(st.just("fail"), st.sampled_from(KEYS), st.integers(1, 300), st.just(0)),
+    st.tuples(st.just("drop"), st.sampled_from(KEYS), st.just(0), st.just(0)),
+    st.tuples(st.just("budget"), st.just(""), st.integers(0, 20_000), st.just(0)),
+), max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS)
+def test_eviction_keeps_memory_under_budget(ops):
+    """Any sequence of requests (some failing), closes and budget changes: the bytes held never
+    exceed the budget and every entry's ids are what its cache holds. (16 bytes per token here.)"""
+    from transformers import DynamicCache
+
+    store = KVCacheStore(DynamicCache, budget_bytes=6_000)
+    for op, key, n, extra in ops:
+        if op == "budget":
+            store.set_budget(n)
+        elif op == "drop":
+            store.drop(key)
+        else:
+            # Prompts of one key share their start, as a document's prompts do.
+            prompt = [1000 * (KEYS.index(key) + 1) + i for i in range(n)]
+            lease = store.acquire(key, prompt)
+            if op == "fail":
+                store.discard(lease)
+                assert store.cached_ids(key) == []
+            else:
+                store.release(lease, _decode_like_the_engine(lease, prompt, list(range(7, 7 + extra))))
+        _check_entries(store)

@@ -1,0 +1,98 @@
+"""The document store (document.Document, pygls' workspace document with LSP positions): any
+sequence of valid incremental edits gives the text that applying them to a plain string gives, in
+UTF-16, UTF-8 and UTF-32 positions, with surrogate pairs, combining marks and every kind of line
+break; positions out of range clamp as the spec says."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lsprotocol import types
+from pygls.workspace import PositionCodec, TextDocument
+
+from sdsat_lsp.document import Document, split_lines
+
+# What LSP calls a line break, written independently of the module under test.
+BREAKS = ("\r\n", "\r", "\n")
+PIECES = ["a", "bc", " ", "    ", "\t", "\n", "\r\n", "\r", "é", "e\u0301", "😋", "👨\u200d👩\u200d👧", "\x00",
+          # Not line breaks in LSP, but str.splitlines breaks at each of them.
+          "\x0c", "\x0b", "\x1c", "\x85", "\u2028", "\u2029"]
+UNITS = {"utf-16": lambda s: len(s.encode("utf-16-le", "surrogatepass")) // 2,
+         "utf-8": lambda s: len(s.encode("utf-8", "surrogatepass")), "utf-32": len}
+
+texts = st.lists(st.sampled_from(PIECES), max_size=40).map("".join)
+
+
+def lsp_position(text: str, offset: int, encoding: str) -> types.Position:
+    before = text[:offset]
+    line = len(re.findall(r"\r\n|\r|\n", before))
+    start = max(before.rfind("\n"), before.rfind("\r")) + 1
+    return types.Position(line=line, character=UNITS[encoding](before[start:]))
+
+
+def inside_crlf(text: str, offset: int) -> bool:
+    return 0 < offset < len(text) and text[offset - 1] == "\r" and text[offset] == "\n"
+
+
+def make(text: str, encoding: str, cls=Document) -> TextDocument:
+    return cls("file:///t.py", source=text, version=1, position_codec=PositionCodec(encoding))
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts, st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1), texts), max_size=8),
+       st.sampled_from(sorted(UNITS)))
+def test_incremental_edits_equal_string_edits(text, edits, encoding):
+    doc = make(text, encoding)
+    for fa, fb, new in edits:
+        a, b = sorted((int(fa * len(text)), int(fb * len(text))))
+        a -= inside_crlf(text, a)  # a position cannot fall between "\r" and "\n"
+        b -= inside_crlf(text, b)
+        start, end = lsp_position(text, a, encoding), lsp_position(text, b, encoding)
+        assert doc.offset_at_position(start) == a and doc.offset_at_position(end) == b
+        assert doc.position_at_offset(a)[0] == start
+        doc.apply_change(types.TextDocumentContentChangePartial(range=types.Range(start=start, end=end), text=new))
+        text = text[:a] + new + text[b:]
+        assert doc.source == text
+    assert "".join(split_lines(text)) == text
+    assert len(split_lines(text)) == len(re.findall(r"\r\n|\r|\n", text)) + (not text.endswith(BREAKS) and text != "")
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts, st.integers(0, 50), st.integers(0, 400), st.sampled_from(sorted(UNITS)))
+def test_positions_out_of_range_clamp(text, line, character, encoding):
+    doc = make(text, encoding)
+    lines = re.split(r"\r\n|\r|\n", text)
+    offset = doc.offset_at_position(types.Position(line=line, character=character))
+    if line >= len(lines):
+        assert offset == len(text)  # past the last line: the end of the document
+    else:
+        line_start = sum(len(x) for x in re.split(r"(?<=\r\n)|(?<=\r)(?!\n)|(?<=\n)", text)[:line])
+        content = lines[line]
+        assert line_start <= offset <= line_start + len(content)
+        if character >= UNITS[encoding](content):
+            assert offset == line_start + len(content)  # past the line's end: the line's end
+
+
+def test_half_a_surrogate_pair_rounds_up_and_params_stay_untouched():
+    doc = make('x = "😋"\n', "utf-16")
+    position = types.Position(line=0, character=6)  # between the two halves of the emoji
+    assert doc.offset_at_position(position) == 6  # after the emoji
+    far = types.Position(line=0, character=99)
+    assert doc.offset_at_position(far) == 7 and far.character == 99  # pygls writes 7 back into it
+
+
+def test_form_feed_is_not_a_line_break():
+    text = "a = 1\x0c\nb = 2\nc = 3\n"
+    ours, stock = make(text, "utf-16"), make(text, "utf-16", TextDocument)
+    at = types.Position(line=2, character=0)
+    assert text[ours.offset_at_position(at):].startswith("c = 3")
+    assert not text[stock.offset_at_position(at):].startswith("c = 3")  # what pygls alone gets wrong
+
+
+def test_reversed_range_is_normalized():
+    doc = make("abcdef\n", "utf-16")
+    doc.apply_change(types.TextDocumentContentChangePartial(
+        range=types.Range(start=types.Position(0, 4), end=types.Position(0, 1)), text="X"))
+    assert doc.source == "aXef\n"
