@@ -289,13 +289,15 @@ def generate(
     cancel: Callable[[], bool] | None = None,
     deadline: float | None = None,
     accept_rule: AcceptRule = accept_draft,
+    first_token_ids: Sequence[int] | None = None,
 ) -> Generation:
     """Decode after `prompt_ids`.
 
     `cache`: a DynamicCache whose entries are the KV of `prompt_ids[:cache.get_seq_length()]`
     (the caller guarantees that prefix); it is extended in place and on return holds
     `Generation.cache_ids`. `deadline`: see `Stopper`. `accept_rule` exists so that tests can
-    show a biased rule failing; leave it alone.
+    show a biased rule failing; leave it alone. `first_token_ids`: the first new token is chosen
+    among these only (token healing, see `healing.py`); later tokens are free.
     """
     from transformers import DynamicCache
 
@@ -328,7 +330,10 @@ def generate(
     dtype, device = _model_dtype(model), _model_device(model)
     block = _adaptive_block(adaptive_ids, k) if mode != "ar" else []
 
-    def pick(logits_row: torch.Tensor) -> int:
+    def pick(logits_row: torch.Tensor, allowed: Sequence[int] | None = None) -> int:
+        if allowed is not None:
+            index = torch.as_tensor(list(allowed), dtype=torch.long, device=logits_row.device)
+            logits_row = torch.full_like(logits_row, float("-inf")).index_copy_(0, index, logits_row[index])
         if sampling.greedy:
             return int(torch.argmax(logits_row).item())
         return _draw(logits_to_probs(logits_row, sampling), generator)
@@ -353,7 +358,7 @@ def generate(
     stats.tokens_fed += len(feed) + len(block)
     crop_to(len(prompt_ids))
     stats.prefill_ms = (time.perf_counter() - started) * 1e3
-    y = pick(logits[0])
+    y = pick(logits[0], first_token_ids)
     drafts = [int(t) for t in torch.argmax(logits[1:], dim=-1).tolist()] if block else []
     done = stopper.push(y)
     # The sequence whose KV the cache holds: prompt, then emitted tokens except the newest (y).

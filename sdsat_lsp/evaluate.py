@@ -106,20 +106,26 @@ def cut_samples(n_line: int, n_block: int, source=None, seed: int = 0, max_chars
     return samples
 
 
-def complete(loaded, sample: Sample, k: int, adaptive_ids: list[int], max_new_tokens: int) -> str:
+def complete(loaded, sample: Sample, k: int, adaptive_ids: list[int], max_new_tokens: int,
+             token_healing: bool = True) -> str:
     """The model's completion for `sample`, cut where an editor would cut it."""
     from .engine import generate
+    from .healing import heal, healed_decoder
+    from .prompt import continuation_decoder
 
     tokenizer = loaded.tokenizer
     prompt_ids = tokenizer(sample.prompt)["input_ids"]
     mode = "fused" if adaptive_ids else "ar"  # a plain model is evaluated too (the "before" figure)
-
-    def decode(ids):
-        return tokenizer.decode(ids)
+    healing = heal(tokenizer, prompt_ids) if token_healing else None
+    if healing is not None:
+        prompt_ids = healing.ids
+    # Decoded after the prompt's last tokens: SentencePiece drops a leading space at a decode's start.
+    decode = healed_decoder(continuation_decoder(tokenizer, prompt_ids), healing)
+    options = dict(mode=mode, k=k, adaptive_ids=adaptive_ids, decode=decode,
+                   first_token_ids=healing.first_token_ids if healing else None)
 
     if sample.task == "line":
-        out = generate(loaded.model, prompt_ids, mode=mode, k=k, adaptive_ids=adaptive_ids, max_new_tokens=max_new_tokens,
-                       stop_strings=["\n"], decode=decode)
+        out = generate(loaded.model, prompt_ids, max_new_tokens=max_new_tokens, stop_strings=["\n"], **options)
         return decode(out.tokens).split("\n", 1)[0].rstrip()
     opener_indent = _indent(sample.prompt.rstrip("\n").rsplit("\n", 1)[-1])
 
@@ -127,8 +133,7 @@ def complete(loaded, sample: Sample, k: int, adaptive_ids: list[int], max_new_to
         lines = decode(ids).split("\n")
         return any(line.strip() and _indent(line) <= opener_indent for line in lines[:-1])
 
-    out = generate(loaded.model, prompt_ids, mode=mode, k=k, adaptive_ids=adaptive_ids, max_new_tokens=4 * max_new_tokens,
-                   decode=decode, should_stop=dedented)
+    out = generate(loaded.model, prompt_ids, max_new_tokens=4 * max_new_tokens, should_stop=dedented, **options)
     lines = decode(out.tokens).split("\n")
     if out.finish_reason != "stop":
         lines = lines[:-1] if len(lines) > 1 else lines
@@ -137,12 +142,12 @@ def complete(loaded, sample: Sample, k: int, adaptive_ids: list[int], max_new_to
 
 
 def run_eval(loaded, samples: list[Sample], k: int, adaptive_ids: list[int], max_new_tokens: int = 48,
-             progress=None) -> dict:
+             progress=None, token_healing: bool = True) -> dict:
     by_task: dict[str, list[tuple[bool, float]]] = {"line": [], "block": []}
     examples = []
     started = time.perf_counter()
     for i, sample in enumerate(samples):
-        got = complete(loaded, sample, k, adaptive_ids, max_new_tokens)
+        got = complete(loaded, sample, k, adaptive_ids, max_new_tokens, token_healing)
         by_task[sample.task].append((got == sample.target, edit_similarity(got, sample.target)))
         if len(examples) < 5:
             examples.append({"task": sample.task, "target": sample.target, "completion": got})
@@ -171,6 +176,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt-chars", type=int, default=1500)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--no-token-healing", dest="token_healing", action="store_false",
+                   help="decode prompts as cut, even when they end inside a token (see healing.py)")
     p.add_argument("--json", dest="json_path", help="write the results here")
 
 
@@ -186,10 +193,10 @@ def main(args) -> int:
     def progress(done, total):
         print(f"\r  sample {done}/{total}", end="", file=sys.stderr, flush=True)
 
-    result = run_eval(loaded, samples, k, adaptive_ids, args.max_new_tokens, progress)
+    result = run_eval(loaded, samples, k, adaptive_ids, args.max_new_tokens, progress, args.token_healing)
     print(file=sys.stderr)
     result.update(model=str(loaded.ref), quantize=loaded.quantize, device=loaded.device, source=args.source or "stdlib-held-out",
-                  seed=args.seed)
+                  seed=args.seed, token_healing=args.token_healing)
     for task in ("line", "block"):
         r = result[task]
         if r["samples"]:
