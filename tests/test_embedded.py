@@ -21,3 +21,21 @@ def test_install_embedded_writes_a_loadable_model_with_its_manifest(sdsat_micro_
     assert manifest["sha256"]["model.safetensors"] == hashlib.sha256(weights).hexdigest()
     loaded = load_model(target, quantize="none")
     assert loaded.card.adaptive_ids and loaded.card.k == 5
+
+
+def test_the_shipped_embedded_model_is_the_default_and_decodes_identically():
+    """The committed model loads offline, matches its manifest, and SDSAT output equals greedy."""
+    from sdsat_lsp.embedded import EMBEDDED_DIR, default_model_ref, resolve_model
+    from sdsat_lsp.engine import generate
+
+    assert default_model_ref() == EMBEDDED_DIR
+    manifest = json.loads((EMBEDDED_DIR / "manifest.json").read_text())
+    for name, digest in manifest["sha256"].items():
+        assert hashlib.sha256((EMBEDDED_DIR / name).read_bytes()).hexdigest() == digest, name
+    assert manifest["data"]["files_hash"] and manifest["eval_sdsat"]["exact_match"] is not None
+    loaded = resolve_model(None)  # CPU default quantization
+    card = loaded.card
+    ids = loaded.tokenizer("import os\n\n\ndef walk(top):\n    for name in os.listdir(top):\n")["input_ids"]
+    plain = generate(loaded.model, ids, mode="ar", max_new_tokens=32)
+    fused = generate(loaded.model, ids, mode="fused", k=card.k, adaptive_ids=card.adaptive_ids, max_new_tokens=32)
+    assert fused.tokens == plain.tokens and plain.tokens
