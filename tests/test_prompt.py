@@ -192,6 +192,18 @@ def test_never_repeats_the_text_after_the_cursor():
     assert rules.finish("b))") == Completion("b))", replace_chars=2)
 
 
+def test_one_huge_line_is_fast(tok):
+    """Found by the stress storm: finishing a completion in the middle of a 2 MB line compared
+    every start of the rest of the line (quadratic: the server hung for minutes)."""
+    line = "x = [" + ", ".join(str(i) for i in range(300_000))
+    offset = len(line) // 2
+    started = time.perf_counter()
+    rules = Rules(cursor_context(line, offset))
+    assert rules.finish("zz") == Completion("zz")
+    assert 0 < len(build_prompt(line, offset, tok, fim_ids=FIM, max_tokens=512).ids) <= 512
+    assert time.perf_counter() - started < 2.0
+
+
 def test_trailing_whitespace_is_trimmed_and_empty_items_dropped():
     rules = Rules(_ctx("def f(x):\n    |\n"))
     assert rules.finish("return x   \n   \n") == Completion("return x")
