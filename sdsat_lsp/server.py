@@ -20,7 +20,7 @@
 - `sdsat/stats` answers per-request stats (prompt tokens, tokens reused, prefill/decode ms,
   drafts accepted), the KV cache's contents and the current settings.
 
-This is the only module that imports lsprotocol/pygls.
+This module and `document.py` (the document store) are the only ones that import lsprotocol/pygls.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -38,14 +39,15 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import unquote
 
 from lsprotocol import types
-from pygls.exceptions import JsonRpcException
+from pygls.exceptions import JsonRpcException, JsonRpcInternalError, JsonRpcInvalidRequest
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 
+from .document import Document, DocumentWorkspace
 from .errors import SdsatError
 from .kvcache import KVCacheStore
 from .prompt import LINE_MODES, Completion, Rules, build_prompt, continuation_decoder
@@ -188,8 +190,12 @@ class Outcome:
 
 
 class _Protocol(LanguageServerProtocol):
-    """pygls' protocol, but a request whose params do not fit the LSP types gets a JSON-RPC error
-    (pygls logs it and never answers, so the client would wait forever)."""
+    """pygls' protocol, but every request it would drop without a word gets a JSON-RPC error (the
+    client would wait forever): params that do not fit the LSP types (InvalidParams); a message
+    that is not an object, has no "jsonrpc" or another version (InvalidRequest); a request after
+    `shutdown` (InvalidRequest, as the spec says)."""
+
+    exit_requested = False
 
     def structure_message(self, data: dict[str, Any]):
         try:
@@ -198,6 +204,29 @@ class _Protocol(LanguageServerProtocol):
             if isinstance(data, dict) and "id" in data and "method" in data:
                 self._send_response(data["id"], error=exc.to_response_error())
             raise
+
+    def handle_message(self, message) -> None:
+        if not hasattr(message, "jsonrpc"):  # pygls hands these over as plain dicts, lists, numbers
+            request = isinstance(message, dict) and "method" in message
+            self._refuse(message.get("id") if request else None, "not a JSON-RPC 2.0 message")
+            return
+        method, msg_id = getattr(message, "method", None), getattr(message, "id", None)
+        if method is not None and msg_id is not None:
+            if message.jsonrpc != self.VERSION:
+                self._refuse(msg_id, f"unsupported JSON-RPC version {message.jsonrpc!r}")
+                return
+            if self._shutdown and method != types.EXIT:
+                self._refuse(msg_id, "the server is shutting down")
+                return
+        if method == types.EXIT:
+            self.exit_requested = True
+        super().handle_message(message)
+
+    def _refuse(self, msg_id, reason: str) -> None:
+        log.warning("invalid request (id %r): %s", msg_id, reason)
+        # An id of null must be written out, and pygls' response type would leave it out.
+        self._send_data({"jsonrpc": self.VERSION, "id": msg_id,
+                         "error": {"code": JsonRpcInvalidRequest.CODE, "message": f"Invalid Request: {reason}"}})
 
 
 class SdsatServer(LanguageServer):
@@ -352,13 +381,11 @@ class SdsatServer(LanguageServer):
         if doc is None:
             log.info("completion for unknown document %s", uri)
             return None
+        assert isinstance(doc, Document), "the workspace holds document.Document"
         text = doc.source
-        pos = types.Position(line=position.line, character=position.character)  # pygls may clamp it in place
-        offset = max(0, min(doc.offset_at_position(pos), len(text)))
-        line_start = text.rfind("\n", 0, offset) + 1
-        line_no = text.count("\n", 0, line_start)
-        cursor = types.Position(line=line_no, character=doc.position_codec.client_num_units(text[line_start:offset]))
-        job = Job(next(self.seq), self.protocol.msg_id, uri, text, offset, self.settings)
+        offset = doc.offset_at_position(position)
+        cursor, line_start, line_end = doc.position_at_offset(offset)
+        job = Job(next(self.seq), self.protocol.msg_id, uri, _model_text(text), offset, self.settings)
         previous = self.jobs.get(uri)
         if previous is not None:
             previous.cancel.set()  # cancel-previous: the newest request for a document wins
@@ -372,9 +399,10 @@ class SdsatServer(LanguageServer):
         finally:
             if self.jobs.get(uri) is job:
                 del self.jobs[uri]
-        end = text.find("\n", offset)
-        rest = text[offset: len(text) if end < 0 else end]
-        return outcome, cursor, text[line_start:offset], rest
+        if outcome.stats.get("finishReason") == "error":
+            # An answer, not silence: the client sees the failure; the next request starts afresh.
+            raise JsonRpcInternalError(f"sdsat-lsp: completion failed: {outcome.stats.get('error')}")
+        return outcome, cursor, text[line_start:offset], text[offset:line_end]
 
     def run_job(self, job: Job) -> Outcome:
         """On the worker thread: prompt, cache lease, decode, rules. Never raises."""
@@ -393,20 +421,14 @@ class SdsatServer(LanguageServer):
         return Outcome(completion, stats)
 
     def _run_job(self, job: Job, stats: dict) -> Completion | None:
-        from .engine import Sampling, context_length, generate
+        from .engine import Sampling, generate
 
         loaded, store, s = self.loaded, self.store, job.settings
         if job.cancel.is_set() or loaded is None or store is None:
             stats["finishReason"] = "cancelled" if job.cancel.is_set() else "not-ready"
             return None
         model, tokenizer, card = loaded.model, loaded.tokenizer, loaded.card
-        k = s.k or card.k
-        mode = s.mode if card.adaptive_ids else "ar"
-        ctx = min(card.context_length or context_length(model), context_length(model))
-        budget = max(16, min(s.max_prompt_tokens, ctx - s.max_tokens - 2 * (k + 1) - 8))
-        prompt = build_prompt(job.text, job.offset, tokenizer, max_tokens=budget, max_suffix_tokens=s.max_suffix_tokens,
-                              fim_ids=card.fim if s.fim else None, line_mode=s.line_mode,
-                              keep=self.window_heads.get(job.uri))
+        prompt, k, mode = request_prompt(loaded, s, job.text, job.offset, keep=self.window_heads.get(job.uri))
         self.window_heads[job.uri] = prompt.window_head
         rules = Rules(prompt.context)
         decode = continuation_decoder(tokenizer, prompt.ids)
@@ -458,6 +480,21 @@ class SdsatServer(LanguageServer):
                 "positionEncoding": str(self.workspace.position_encoding) if self.protocol._workspace else None}
 
 
+def request_prompt(loaded, s: Settings, text: str, offset: int, keep: str | None = None):
+    """(prompt, k, decoding mode) for a completion at `offset` in `text`: the one place that turns
+    settings and the model card into a prompt (the stress tool's reference decodes the same)."""
+    from .engine import context_length
+
+    model, card = loaded.model, loaded.card
+    k = s.k or card.k
+    mode = s.mode if card.adaptive_ids else "ar"
+    ctx = min(card.context_length or context_length(model), context_length(model))
+    budget = max(16, min(s.max_prompt_tokens, ctx - s.max_tokens - 2 * (k + 1) - 8))
+    prompt = build_prompt(text, offset, loaded.tokenizer, max_tokens=budget, max_suffix_tokens=s.max_suffix_tokens,
+                          fim_ids=card.fim if s.fim else None, line_mode=s.line_mode, keep=keep)
+    return prompt, k, mode
+
+
 def load_blocking(settings: Settings, report) -> tuple[Any, KVCacheStore]:
     """On the worker: import torch/transformers, load the model, build its cache store, warm up."""
     report("importing torch", 5)
@@ -482,7 +519,33 @@ def load_blocking(settings: Settings, report) -> tuple[Any, KVCacheStore]:
 
     ids = loaded.tokenizer("def f(x):\n    return", add_special_tokens=False)["input_ids"] or [0]
     generate(model, ids, mode="ar", max_new_tokens=2)  # the first pass of a process is slow
+    if os.environ.get("SDSAT_LSP_TEST_FAIL_PASS"):
+        _fail_at_pass(model, int(os.environ["SDSAT_LSP_TEST_FAIL_PASS"]))
     return loaded, store
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _model_text(text: str) -> str:
+    """The document as the tokenizer can take it: JSON can carry lone surrogates ("\\ud800"), which
+    no tokenizer encodes; each becomes U+FFFD, so offsets stay the same."""
+    return _LONE_SURROGATE.sub("\ufffd", text) if _LONE_SURROGATE.search(text) else text
+
+
+def _fail_at_pass(model, n: int) -> None:
+    """Test-only (SDSAT_LSP_TEST_FAIL_PASS=n): the n-th forward pass after loading raises, once, so
+    that tests can see a model failing in the middle of a decode."""
+    calls = 0
+
+    def hook(module, args):
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            handle.remove()
+            raise RuntimeError(f"injected fault at forward pass {n} (SDSAT_LSP_TEST_FAIL_PASS)")
+
+    handle = model.register_forward_pre_hook(hook)
 
 
 def _plain(value: Any) -> Any:
@@ -548,6 +611,8 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
     def on_initialize(ls: SdsatServer, params: types.InitializeParams) -> None:
         """Read initializationOptions; offer textDocument/completion to clients without inline completion."""
         ls.loop = asyncio.get_running_loop()
+        # pygls' documents break lines where LSP does not (form feeds, U+2028...): use ours.
+        ls.protocol._workspace = DocumentWorkspace.like(ls.workspace, types.TextDocumentSyncKind.Incremental)
         ls.startup = {"initializeMs": round((time.perf_counter() - _IMPORTED) * 1e3, 1),
                       "torchImported": "torch" in sys.modules}
         if params.initialization_options is not None:
@@ -625,17 +690,40 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
     return server
 
 
+_CONTENT_LENGTH = re.compile(rb"content-length[ \t]*:[ \t]*(\d+)", re.IGNORECASE)
+MAX_MESSAGE_BYTES = 256 * 2**20  # 50x a 5 MB document; a bigger Content-Length is a broken header
+
+
 class _LenientStdin:
-    """stdin for pygls that turns invalid UTF-8 in a message body into U+FFFD instead of dropping
-    the message (a dropped request would never be answered)."""
+    """stdin for pygls' reader, lenient where that reader would lose every later message:
+
+    - pygls takes a header only as exactly `Content-Length: N\\r\\n` at a line start. After one broken
+      frame (a Content-Length too short leaves the rest of the body in front of the next header;
+      junk between messages; a header in lower case, as HTTP allows) it never matches a header
+      again, and the client waits forever. Here a Content-Length header is found anywhere in a
+      line, in any case, with LF or CRLF: the stream is back in step at the next message.
+    - A Content-Length over MAX_MESSAGE_BYTES is refused: pygls would try to read it at once (a
+      MemoryError that ends the server, or a wait for bytes that never come). The client gets a
+      parse error and the reader resynchronizes at the next header.
+    - Invalid UTF-8 in a body becomes U+FFFD instead of dropping the message.
+    """
 
     def __init__(self, raw):
         self.raw = raw
 
     def readline(self) -> bytes:
-        return self.raw.readline()
+        line = self.raw.readline()
+        match = _CONTENT_LENGTH.search(line)
+        if match is None:
+            return line
+        if match.start() > 0:
+            log.warning("skipped %d bytes that are not a message before a header", match.start())
+        return b"Content-Length: " + match.group(1) + b"\r\n"
 
     def read(self, n: int) -> bytes:
+        if n > MAX_MESSAGE_BYTES:
+            log.warning("refused a message of %d bytes (over %d); skipping to the next header", n, MAX_MESSAGE_BYTES)
+            return b"\x00"  # not JSON: the client gets a parse error
         data = self.raw.read(n)
         try:
             data.decode("utf-8")
@@ -659,7 +747,26 @@ def serve(args) -> int:
         host, _, port = args.tcp.rpartition(":")
         if not port.isdigit():
             raise SdsatError(f"--tcp wants HOST:PORT, got {args.tcp!r}")
-        server.start_tcp(host or "127.0.0.1", int(port))
-    else:
-        server.start_io(_LenientStdin(sys.stdin.buffer), sys.stdout.buffer)
-    return 0
+        server.start_tcp(host or "127.0.0.1", int(port))  # `exit` ends the process from inside
+        return 0
+    server.start_io(_LenientStdin(sys.stdin.buffer), sys.stdout.buffer)
+    return _exit_now(server)
+
+
+def _exit_now(server: SdsatServer) -> NoReturn:
+    """After `exit` or the end of stdin (the client is gone): stop decoding and leave at once.
+    Python would wait at exit for the worker thread, which may be importing torch or loading a
+    model (seconds, not interruptible), and for pygls' stdin reader thread; nothing else needs to
+    run. Exit code as the spec says: 1 for an `exit` without `shutdown` first."""
+    for job in list(server.jobs.values()):
+        job.cancel.set()
+    protocol = server.protocol
+    code = 1 if protocol.exit_requested and not protocol._shutdown else 0
+    log.info("exiting (code %d)", code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed pipe: nothing to flush into
+            pass
+    os._exit(code)

@@ -663,3 +663,112 @@ def _tcp_round_trip():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- what the stress storm found (sdsat-lsp stress): each a regression test --------------------
+
+
+def _stats_request(msg_id: str) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": "sdsat/stats", "params": {"last": 0}}).encode()
+
+
+def _expect(session, msg_id):
+    future = concurrent.futures.Future()
+    session.client.protocol._request_futures[msg_id] = future  # pygls matches the response by id
+    return asyncio.wait_for(asyncio.wrap_future(future), 15)
+
+
+@pytest.mark.parametrize("variant", ["short-length", "lowercase", "lf-only", "junk", "no-length", "huge-length"])
+async def test_a_broken_frame_does_not_lose_the_messages_after_it(main_server, variant):
+    """pygls wants exactly `Content-Length: N\\r\\n` at a line start: after one broken frame it never
+    found a header again and every later request went unanswered; a huge length crashed it
+    (MemoryError). Now the stream is back in step at the next header."""
+    s = main_server
+    body = _stats_request(f"broken-{variant}")
+    broken = {
+        "short-length": b"Content-Length: %d\r\n\r\n" % (len(body) - 7) + body,  # leaves '"last": 0}}' behind
+        "lowercase": b"content-length: %d\r\n\r\n" % len(body) + body,  # HTTP-style headers ignore case
+        "lf-only": b"Content-Length: %d\n\n" % len(body) + body,
+        "junk": b"\x00\xff garbage without a newline ",
+        "no-length": b"Content-Type: application/vscode-jsonrpc\r\n\r\n" + body,
+        "huge-length": b"Content-Length: 1000000000000\r\n\r\n" + body,
+    }[variant]
+    parse_error = concurrent.futures.Future()
+    s.client.protocol._request_futures[None] = parse_error
+    if variant in ("lowercase", "lf-only"):
+        answered = _expect(s, f"broken-{variant}")  # a valid frame after all: answered
+    s.client._server.stdin.write(broken)
+    after = f"after-{variant}"
+    reply = _expect(s, after)
+    s.client._server.stdin.write(b"Content-Length: %d\r\n\r\n" % len(_stats_request(after)) + _stats_request(after))
+    assert (await reply)["state"] == "ready"
+    if variant in ("lowercase", "lf-only"):
+        assert (await answered)["state"] == "ready"
+    if variant in ("short-length", "huge-length"):
+        with pytest.raises(JsonRpcException) as info:
+            await asyncio.wait_for(asyncio.wrap_future(parse_error), 10)
+        assert info.value.code == -32700
+    s.client.protocol._request_futures.pop(None, None)
+    assert s.client.error is None
+
+
+@pytest.mark.parametrize("body, msg_id", [
+    (b'{"id": "no-version", "method": "sdsat/stats", "params": {}}', "no-version"),
+    (b'{"jsonrpc": "1.0", "id": "old-version", "method": "sdsat/stats", "params": {}}', "old-version"),
+    (b"[1, 2, 3]", None),
+    (b"42", None),
+])
+async def test_requests_pygls_would_drop_get_invalid_request(main_server, body, msg_id):
+    """A message without "jsonrpc", of another version, or not an object: pygls logged it and never
+    answered. Now: InvalidRequest, with the request's id when it has one."""
+    future = concurrent.futures.Future()
+    main_server.client.protocol._request_futures[msg_id] = future
+    main_server.client._server.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    with pytest.raises(JsonRpcException) as info:
+        await asyncio.wait_for(asyncio.wrap_future(future), 15)
+    assert info.value.code == -32600
+    main_server.client.protocol._request_futures.pop(msg_id, None)
+    assert (await main_server.stats())["state"] == "ready"
+
+
+async def test_lone_surrogates_in_a_document(main_server, reference):
+    """JSON can carry a lone surrogate ("\\ud800"); no tokenizer takes one, so every completion in
+    such a document failed. It is read as U+FFFD (same offsets)."""
+    uri = "file:///surrogate.py"
+    text = "label = '\ud800 and \udfff'\ndef f(x):\n    return x + lab"
+    main_server.raw_notify("textDocument/didOpen", json.dumps({"textDocument": {
+        "uri": uri, "languageId": "python", "version": 1, "text": text}}).encode())
+    try:
+        result = await main_server.inline(uri, 2, 18)
+        _, expected, _ = reference(text.replace("\ud800", "\ufffd").replace("\udfff", "\ufffd"), len(text))
+        assert [i.insert_text for i in result.items] == ([expected.text] if expected else [])
+        assert (await main_server.last_request(uri))["finishReason"] != "error"
+    finally:
+        main_server.close(uri)
+
+
+@pytest.mark.parametrize("breaks", ["formfeed", "cr"])
+async def test_lines_break_only_where_lsp_says(main_server, reference, breaks):
+    """pygls split lines at form feeds, U+2028, U+0085 (str.splitlines) and the server found the
+    cursor line by "\\n" alone: a position after such a character was off by a line. LSP lines end
+    at \\n, \\r\\n and \\r only."""
+    if breaks == "formfeed":
+        text = "import os\x0c\nx = '\u2028\x85'\n\ndef main():\n    return os.getcwd"
+        line, column = 4, 14
+    else:
+        text = "import os\r\rdef main():\r    return os.getcwd"
+        line, column = 3, 14
+    uri = f"file:///breaks_{breaks}.py"
+    main_server.open(uri, text)
+    try:
+        offset = text.index("getcwd") + 1
+        result = await main_server.inline(uri, line, column + 1)
+        _, expected, _ = reference(text, offset)
+        assert (await main_server.last_request(uri))["promptTokens"] == len(reference(text, offset)[0].ids)
+        if expected is None:
+            assert not result.items
+        else:
+            (item,) = result.items
+            assert item.insert_text == expected.text and item.range.start == types.Position(line, column + 1)
+    finally:
+        main_server.close(uri)
