@@ -38,7 +38,15 @@ def _eval_parser(sub) -> None:
     p.set_defaults(run=evaluate.main)
 
 
-TOOLS = ("bench", "train", "eval")
+def _stress_parser(sub) -> None:
+    p = sub.add_parser("stress", help="drive the server over stdio with valid and hostile traffic; nothing may be lost")
+    from . import stress
+
+    stress.add_arguments(p)
+    p.set_defaults(run=stress.main)
+
+
+TOOLS = ("bench", "train", "eval", "stress")
 
 
 def build_parser(tools: bool = True) -> argparse.ArgumentParser:
@@ -56,6 +64,7 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
         _bench_parser(sub)
         _train_parser(sub)
         _eval_parser(sub)
+        _stress_parser(sub)
     return parser
 
 
