@@ -49,6 +49,7 @@ from pygls.protocol import LanguageServerProtocol
 
 from .document import Document, DocumentWorkspace
 from .errors import SdsatError
+from .healing import heal, healed_decoder
 from .kvcache import KVCacheStore
 from .prompt import LINE_MODES, Completion, Rules, build_prompt, continuation_decoder
 
@@ -83,6 +84,7 @@ class Settings:
     time_budget_ms: int = 400  # past this, stop at the next newline; 0 = no budget
     line_mode: str = "auto"  # auto | single | multi
     fim: bool = True  # fill-in-the-middle (suffix first) when the model card has FIM ids
+    token_healing: bool = True  # a prompt ending inside a token is continued from the token before (healing.py)
     max_prompt_tokens: int = 1024
     max_suffix_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy
@@ -431,15 +433,18 @@ class SdsatServer(LanguageServer):
         prompt, k, mode = request_prompt(loaded, s, job.text, job.offset, keep=self.window_heads.get(job.uri))
         self.window_heads[job.uri] = prompt.window_head
         rules = Rules(prompt.context)
-        decode = continuation_decoder(tokenizer, prompt.ids)
+        healing = heal(tokenizer, prompt.ids) if s.token_healing else None
+        ids = healing.ids if healing is not None else prompt.ids
+        decode = healed_decoder(continuation_decoder(tokenizer, ids), healing)
         sampling = Sampling(s.temperature, s.top_k, s.top_p, None if s.seed < 0 else s.seed)
-        lease = store.acquire(job.uri, prompt.ids)
+        lease = store.acquire(job.uri, ids)
         try:
             gen = generate(
-                model, prompt.ids, mode=mode, k=k, adaptive_ids=card.adaptive_ids, max_new_tokens=s.max_tokens,
+                model, ids, mode=mode, k=k, adaptive_ids=card.adaptive_ids, max_new_tokens=s.max_tokens,
                 decode=decode, should_stop=lambda tokens: rules.should_stop(decode(tokens)), sampling=sampling,
                 cache=lease.cache, cancel=job.cancel.is_set,
                 deadline=job.created + s.time_budget_ms / 1e3 if s.time_budget_ms else None,
+                first_token_ids=healing.first_token_ids if healing is not None else None,
             )
         except BaseException:
             store.discard(lease)  # its state is unknown
@@ -447,7 +452,7 @@ class SdsatServer(LanguageServer):
         store.release(lease, gen.cache_ids)
         st = gen.stats
         stats.update(
-            promptTokens=len(prompt.ids), reusedTokens=st.reused_tokens, prefillTokens=st.prefill_tokens,
+            promptTokens=len(ids), healed=healing is not None, reusedTokens=st.reused_tokens, prefillTokens=st.prefill_tokens,
             cachedBefore=lease.cached_before, prefillMs=round(st.prefill_ms, 2),
             decodeMs=round(st.wall_ms - st.prefill_ms, 2), newTokens=st.new_tokens, forwardPasses=st.forward_passes,
             draftsAccepted=st.drafts_accepted, draftsVerified=st.drafts_verified, finishReason=gen.finish_reason,
@@ -518,6 +523,9 @@ def load_blocking(settings: Settings, report) -> tuple[Any, KVCacheStore]:
     from .engine import generate
 
     ids = loaded.tokenizer("def f(x):\n    return", add_special_tokens=False)["input_ids"] or [0]
+    from .healing import token_texts
+
+    token_texts(loaded.tokenizer)  # the vocabulary's texts, for token healing (once, not on the first request)
     generate(model, ids, mode="ar", max_new_tokens=2)  # the first pass of a process is slow
     if os.environ.get("SDSAT_LSP_TEST_FAIL_PASS"):
         _fail_at_pass(model, int(os.environ["SDSAT_LSP_TEST_FAIL_PASS"]))

@@ -6,6 +6,7 @@ input that must never crash or hang the server."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import concurrent.futures
 import json
 import sys
@@ -17,6 +18,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 from pytest_lsp import ClientServerConfig
 
+from sdsat_lsp.healing import heal, healed_decoder
 from sdsat_lsp.kvcache import common_prefix_len
 from sdsat_lsp.prompt import Rules, build_prompt, continuation_decoder
 
@@ -185,17 +187,25 @@ def reference(tiny_lm):
     def complete(text: str, offset: int, max_tokens: int = MAX_TOKENS, line_mode: str = "auto"):
         p = build_prompt(text, offset, tokenizer, max_tokens=256, max_suffix_tokens=128, fim_ids=fim, line_mode=line_mode)
         rules = Rules(p.context)
-        decode = continuation_decoder(tokenizer, p.ids)
+        healing = heal(tokenizer, p.ids)
+        p = dataclasses.replace(p, ids=healing.ids if healing else p.ids)  # what the model is given
+        decode = healed_decoder(continuation_decoder(tokenizer, p.ids), healing)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            gen = generate(model, p.ids, mode="ar", max_new_tokens=max_tokens,
-                           decode=decode, should_stop=lambda t: rules.should_stop(decode(t)))
+            gen = generate(model, p.ids, mode="ar", max_new_tokens=max_tokens, decode=decode,
+                           should_stop=lambda t: rules.should_stop(decode(t)),
+                           first_token_ids=healing.first_token_ids if healing else None)
         finally:
             torch.set_num_threads(threads)
         return p, rules.finish(decode(gen.tokens)), gen
 
     return complete
+
+
+def healed_ids(tokenizer, ids: list[int]) -> list[int]:
+    healing = heal(tokenizer, ids)
+    return healing.ids if healing else ids
 
 
 def offset_of(text: str, line: int, column: int) -> int:
@@ -275,12 +285,12 @@ async def test_edit_before_cursor_invalidates_from_there_only(main_server, tiny_
     main_server.open(uri, DOC)
     line, column = 17, 14  # in "print(count)", before ")"
     await main_server.inline(uri, line, column)
-    before = build_prompt(DOC, offset_of(DOC, line, column), tokenizer, max_tokens=256, fim_ids=fim).ids
+    before = healed_ids(tokenizer, build_prompt(DOC, offset_of(DOC, line, column), tokenizer, max_tokens=256, fim_ids=fim).ids)
     # Rename the parameter on line 4 ("depth=0" -> "level=0"): tokens before it are still valid.
     main_server.change(uri, (4, 14), (4, 19), "level")
     edited = DOC.replace("depth=0", "level=0", 1)
     await main_server.inline(uri, line, column)
-    after = build_prompt(edited, offset_of(edited, line, column), tokenizer, max_tokens=256, fim_ids=fim).ids
+    after = healed_ids(tokenizer, build_prompt(edited, offset_of(edited, line, column), tokenizer, max_tokens=256, fim_ids=fim).ids)
     s = await main_server.last_request(uri)
     lcp = common_prefix_len(before, after)
     assert 10 < lcp < len(after) - 20
