@@ -170,14 +170,19 @@ def tools() -> dict:
 
 
 @pytest.fixture(scope="session")
-def vsix(tools, tmp_path_factory) -> Path:
-    """The extension packaged with @vscode/vsce, the way a user gets it."""
+def extension_deps(tools, tmp_path_factory) -> Path:
+    """editors/vscode/node_modules from package-lock.json (npm ci when missing or stale); the build log."""
     log = tmp_path_factory.mktemp("vsix") / "build.log"
-    npm = ["npm", "--prefix", str(EXTENSION)]
     stamp = EXTENSION / "node_modules" / ".package-lock.json"
     if not stamp.exists() or stamp.stat().st_mtime < (EXTENSION / "package-lock.json").stat().st_mtime:
-        _run([*npm, "ci", "--no-audit", "--no-fund"], log, env=tools["env"], cwd=EXTENSION)
-    _run([*npm, "run", "package"], log, env=tools["env"], cwd=EXTENSION)
+        _run(["npm", "ci", "--no-audit", "--no-fund"], log, env=tools["env"], cwd=EXTENSION)
+    return log
+
+
+@pytest.fixture(scope="session")
+def vsix(tools, extension_deps) -> Path:
+    """The extension packaged with @vscode/vsce, the way a user gets it."""
+    _run(["npm", "run", "package"], extension_deps, env=tools["env"], cwd=EXTENSION)
     out = EXTENSION / "sdsat-lsp.vsix"
     assert out.exists(), f"vsce wrote no {out}"
     return out
@@ -292,7 +297,7 @@ def _step(scenario: dict, name: str) -> dict:
 # ---- the tests -------------------------------------------------------------------------------
 
 
-def test_extension_type_checks_and_lints(tools):
+def test_extension_type_checks_and_lints(tools, extension_deps):
     """`npm run check`: tsc --noEmit and eslint are clean."""
     done = subprocess.run(["npm", "run", "check"], cwd=EXTENSION, env=tools["env"], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -226,13 +226,18 @@ try {
             throw new Error(`no ghost text after typing ${JSON.stringify(typed)}`);
         }
         const shot = await screenshot(page, 'ghost-text');
-        // Tab first indents when the suggestion starts with more indentation than the line has;
-        // the next Tab accepts the rest.
+        // Tab indents instead of accepting when the suggestion starts with more indentation than
+        // the line has: the same suggestion stays, less that whitespace, and the next Tab accepts.
+        // Any other ghost text after a Tab is a new suggestion, not to be accepted too.
         let tabs = 0;
-        while (tabs < 4 && (await ghostText(page)).trim()) {
+        let shown = ghost;
+        while (tabs < 4) {
             await page.keyboard.press('Tab');
             tabs += 1;
             await sleep(400);
+            const now = await ghostText(page);
+            if (!(now.trim() && now.length < shown.length && now.trimStart() === shown.trimStart())) break;
+            shown = now;
         }
         await page.keyboard.press('Control+s');
         await sleep(1500);
