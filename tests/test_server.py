@@ -611,7 +611,8 @@ async def test_sampling_settings_apply(main_server):
         assert any(d != greedy for d in draws)
         assert len({tuple(d) for d in draws}) > 1
     finally:
-        main_server.configure(BASE_OPTIONS | {"lineMode": "auto", "mode": "fused"})
+        # Back to greedy: later tests compare with greedy decoding on this same server.
+        main_server.configure(BASE_OPTIONS | {"lineMode": "auto", "mode": "fused", "temperature": 0.0, "seed": -1})
         main_server.close(uri)
 
 
@@ -725,12 +726,14 @@ async def test_a_broken_frame_does_not_lose_the_messages_after_it(main_server, v
 @pytest.mark.parametrize("body, msg_id", [
     (b'{"id": "no-version", "method": "sdsat/stats", "params": {}}', "no-version"),
     (b'{"jsonrpc": "1.0", "id": "old-version", "method": "sdsat/stats", "params": {}}', "old-version"),
+    (b'{"jsonrpc": "2.0", "id": "number-method", "method": 5, "params": {}}', "number-method"),
     (b"[1, 2, 3]", None),
     (b"42", None),
 ])
 async def test_requests_pygls_would_drop_get_invalid_request(main_server, body, msg_id):
     """A message without "jsonrpc", of another version, or not an object: pygls logged it and never
-    answered. Now: InvalidRequest, with the request's id when it has one."""
+    answered; a method that is not a string was an internal error. Now: InvalidRequest, with the
+    request's id when it has one."""
     future = concurrent.futures.Future()
     main_server.client.protocol._request_futures[msg_id] = future
     main_server.client._server.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
