@@ -217,6 +217,9 @@ class _Protocol(LanguageServerProtocol):
             if message.jsonrpc != self.VERSION:
                 self._refuse(msg_id, f"unsupported JSON-RPC version {message.jsonrpc!r}")
                 return
+            if not isinstance(method, str):  # pygls fails on it with an internal TypeError
+                self._refuse(msg_id, f"the method must be a string, got {method!r}")
+                return
             if self._shutdown and method != types.EXIT:
                 self._refuse(msg_id, "the server is shutting down")
                 return

@@ -114,6 +114,7 @@ class Tally:
     kv_samples: int = 0
     completion_ms: list = field(default_factory=list)
     with_items: int = 0
+    error_samples: dict = field(default_factory=dict)  # code -> {request kind: a message}
 
 
 class Connection:
@@ -266,7 +267,10 @@ class Connection:
         kind, sent = entry
         self.tally.answered += 1
         if error is not None:
-            self.tally.errors_by_code[str(error.get("code"))] += 1
+            code = str(error.get("code"))
+            self.tally.errors_by_code[code] += 1
+            if len(self.tally.error_samples.setdefault(code, {})) < 6:
+                self.tally.error_samples[code].setdefault(kind, str(error.get("message"))[:300])
         elif kind == "stats-poll":
             cache = (message.get("result") or {}).get("cache") or {}
             used, budget = int(cache.get("bytes") or 0), int(cache.get("budgetBytes") or 0)
@@ -971,6 +975,7 @@ class Run:
             "crashes": sum(c["kind"] == "exit" for c in t.crashes),
             "hangs": sum(c["kind"] == "hang" for c in t.crashes),
             "errors_by_code": dict(sorted(t.errors_by_code.items())),
+            "error_samples": t.error_samples,
             "malformed_frames": sum(t.malformed_frames.values()),
             "malformed_by_kind": dict(sorted(t.malformed_frames.items())),
             "malformed_answered": t.malformed_answered,
