@@ -727,7 +727,6 @@ async def test_a_broken_frame_does_not_lose_the_messages_after_it(main_server, v
     (b'{"id": "no-version", "method": "sdsat/stats", "params": {}}', "no-version"),
     (b'{"jsonrpc": "1.0", "id": "old-version", "method": "sdsat/stats", "params": {}}', "old-version"),
     (b'{"jsonrpc": "2.0", "id": "number-method", "method": 5, "params": {}}', "number-method"),
-    (b'{"jsonrpc": "2.0", "id": "number-method", "method": 5, "params": {}}', "number-method"),
     (b"[1, 2, 3]", None),
     (b"42", None),
 ])
