@@ -1069,7 +1069,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_path", help="write the results here")
     p.add_argument("--model", help="model folder or hub id for the server (default: the default model)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv-budget-mb", type=int, default=8, help="the server's KV cache budget (cacheBudgetMb)")
+    p.add_argument("--kv-budget-mb", type=int, default=64,
+                   help="the server's KV cache budget, cacheBudgetMb (default 64: about ten full prompts of the default model)")
     p.add_argument("--max-tokens", type=int, default=8, help="the server's maxTokens during the storm")
     p.add_argument("--documents", type=int, default=100, help="documents open at once")
     p.add_argument("--in-flight", type=int, default=16, help="at most this many requests unanswered at a time")
