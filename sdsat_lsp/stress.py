@@ -130,7 +130,6 @@ class Connection:
         self.config: dict = {}  # what workspace/configuration answers
         self.kv_budget = 0
         self.next_id = 0
-        self.closing = False
         self.stderr = tempfile.TemporaryFile()
         self.room = asyncio.Condition()
         self.in_flight = 16
@@ -174,10 +173,11 @@ class Connection:
         return rng.choice([f"s-{self.next_id}", f"ïd-{self.next_id}-😋", -self.next_id, 2**53 + self.next_id])
 
     async def request(self, method: str, params=None, kind: str = "", msg_id=None, raw: dict | None = None,
-                      want: bool = False) -> asyncio.Future | None:
+                      want: bool = False, wait_for_room: bool = True) -> asyncio.Future | None:
         """Send a request that must be answered; `want`: return a future of its response."""
-        async with self.room:
-            await self.room.wait_for(lambda: len(self.pending) < self.in_flight or not self.alive)
+        if wait_for_room:
+            async with self.room:
+                await self.room.wait_for(lambda: len(self.pending) < self.in_flight or not self.alive)
         msg_id = self.new_id() if msg_id is None else msg_id
         key = json.dumps(msg_id)
         message = raw if raw is not None else {"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params}
@@ -273,7 +273,7 @@ class Connection:
                 self.tally.error_samples[code].setdefault(kind, str(error.get("message"))[:300])
         elif kind == "stats-poll":
             cache = (message.get("result") or {}).get("cache") or {}
-            used, budget = int(cache.get("bytes") or 0), int(cache.get("budgetBytes") or 0)
+            used = int(cache.get("bytes") or 0)
             self.tally.max_kv = max(self.tally.max_kv, used)
             self.tally.kv_samples += 1
             if used > self.kv_budget:
@@ -792,7 +792,6 @@ class Run:
         self.conn: Connection | None = None
         self.started = time.perf_counter()
         self.hung = False
-        self.storm: Storm | None = None
 
     async def start_server(self, storm: Storm | None = None) -> Connection:
         conn = Connection(self.cmd, self.tally, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -824,9 +823,11 @@ class Run:
                     self.tally.max_rss = max(self.tally.max_rss, rss)
                 except psutil.Error:
                     pass
-                if len(conn.pending) < conn.in_flight:
-                    # Polled like any request (and counted): the KV cache's bytes.
-                    asyncio.ensure_future(conn.request("sdsat/stats", {"last": 0}, kind="stats-poll"))
+                if not any(kind == "stats-poll" for kind, _ in conn.pending.values()):
+                    # The KV cache's bytes, polled like any request (and counted), past the in-flight
+                    # limit: the server answers it on its event loop, without waiting for the model.
+                    asyncio.ensure_future(conn.request("sdsat/stats", {"last": 0}, kind="stats-poll",
+                                                       wait_for_room=False))
                 if conn.pending and time.perf_counter() - min(t for _, t in conn.pending.values()) > self.opts.stall_s:
                     # A request unanswered for that long: the server hangs. End it; the storm records it.
                     self.hung = True
@@ -946,7 +947,6 @@ class Run:
             children = [p.pid for p in psutil.Process(conn.proc.pid).children(recursive=True)]
         except psutil.Error:
             pass
-        conn.closing = True
         shutdown = await conn.request("shutdown", None, kind="shutdown", want=True)
         try:
             await asyncio.wait_for(shutdown, 30)
