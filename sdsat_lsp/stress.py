@@ -900,6 +900,8 @@ class Run:
             await self.drain()
             storm_s = time.perf_counter() - storm_started
             final = await self.final_phase(storm) if self.conn.alive else None
+            monitor.cancel()  # no polls after shutdown: they would only be refused
+            self.progress()
             exit_info = await self.stop_server()
         finally:
             if monitor is not None:
