@@ -18,7 +18,10 @@ from .errors import SdsatError
 
 log = logging.getLogger(__name__)
 
-SDSAT_MODES = ("two-pass", "fused")
+SDSAT_MODES = ("two-pass", "fused", "fused+lookup")
+# Bench mode -> (engine mode, n-gram size for context-lookup drafts). "fused+lookup" drafts from the
+# context when the last tokens occurred there before and from the adaptive tokens otherwise.
+ENGINE_MODES = {"ar": ("ar", 0), "two-pass": ("two-pass", 0), "fused": ("fused", 0), "fused+lookup": ("fused", 3)}
 
 
 def _int_list(text: str) -> list[int]:
@@ -41,10 +44,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default="auto", help="auto | none | nf4 | int8 | dynamic-int8")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--draft-length", default="adaptive", choices=("adaptive", "fixed"),
+                   help="adaptive: between 1 and k drafts, following acceptance (default); fixed: always k")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() comparison")
     p.add_argument("--json", dest="json_path", help="write the results here")
     p.add_argument("--editor-session", metavar="FILE",
                    help="instead: replay typing FILE against the server over stdio, with and without the KV cache")
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 4) if b else 0.0
 
 
 def _median(values: list[float]) -> float:
@@ -52,7 +61,7 @@ def _median(values: list[float]) -> float:
 
 
 def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[int], max_new_tokens: int,
-              with_hf: bool = True, progress=None) -> dict:
+              with_hf: bool = True, progress=None, draft_length: str = "adaptive") -> dict:
     """Decode every prompt with every mode; return the figures (see `main` for the keys)."""
     from .engine import generate
 
@@ -64,15 +73,19 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
     # Warm-up: first passes pay for allocator growth and lazy initialisation.
+    def run(mode: str, prompt: list[int], new_tokens: int):
+        engine_mode, ngram = ENGINE_MODES[mode]
+        return generate(model, prompt, mode=engine_mode, k=k, adaptive_ids=adaptive_ids, max_new_tokens=new_tokens,
+                        eos_ids=eos_ids, draft_length=draft_length, lookup_ngram=ngram)
+
     for mode in modes:
-        generate(model, prompts[0][:32], mode=mode, k=k, adaptive_ids=adaptive_ids, max_new_tokens=8, eos_ids=eos_ids)
+        run(mode, prompts[0][:32], 8)
 
     for i, prompt in enumerate(prompts):
         # Rotate the order so no mode always runs first (caches, turbo, noisy neighbours).
         order = modes[i % len(modes):] + modes[: i % len(modes)]
         for mode in order:
-            runs[mode].append(generate(model, prompt, mode=mode, k=k, adaptive_ids=adaptive_ids,
-                                       max_new_tokens=max_new_tokens, eos_ids=eos_ids))
+            runs[mode].append(run(mode, prompt, max_new_tokens))
         if with_hf:
             for name, extra in (("hf-greedy", {}), ("hf-prompt-lookup", {"prompt_lookup_num_tokens": 10})):
                 hf_runs[name].append(_hf_generate(model, prompt, max_new_tokens, eos_ids, extra))
@@ -95,6 +108,10 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
             "forward_passes": passes,
             "tokens_per_pass": round(new_tokens / passes, 4) if passes else 0.0,
             "mean_accepted": round(sum(g.stats.drafts_accepted for g in gens) / verify, 4) if verify else 0.0,
+            "mean_accepted_adaptive": _ratio(sum(g.stats.drafts_accepted - g.stats.lookup_accepted for g in gens),
+                                             sum(g.stats.verify_passes - g.stats.lookup_passes for g in gens)),
+            "lookup_passes": sum(g.stats.lookup_passes for g in gens),
+            "tokens_fed_per_pass": _ratio(sum(g.stats.tokens_fed - g.stats.prefill_tokens for g in gens), passes),
             "speedup": round(_median([a.stats.wall_ms / g.stats.wall_ms for g, a in zip(gens, ar)]), 4),
             "median_ms": round(_median([g.stats.wall_ms for g in gens]), 2),
         }
@@ -119,6 +136,7 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
         speedup=result["modes"][best]["speedup"],
         tokens_per_pass=result["modes"][best]["tokens_per_pass"],
         mean_accepted=result["modes"][best]["mean_accepted"],
+        mean_accepted_adaptive=result["modes"][best]["mean_accepted_adaptive"],
         ar_tokens_per_s=result["modes"]["ar"]["tokens_per_s"],
         sdsat_tokens_per_s=result["modes"][best]["tokens_per_s"],
     )
@@ -143,12 +161,15 @@ def _hf_generate(model, prompt: list[int], max_new_tokens: int, eos_ids: list[in
 
 
 def format_table(result: dict) -> str:
-    header = f"{'mode':<18}{'identical':>10}{'tok/s':>10}{'tok/pass':>10}{'accepted':>10}{'median ms':>11}{'speedup':>9}"
+    nan = float("nan")
+    header = (f"{'mode':<18}{'identical':>10}{'tok/s':>10}{'tok/pass':>10}{'fed/pass':>10}{'accepted':>10}"
+              f"{'(adaptive)':>11}{'median ms':>11}{'speedup':>9}")
     lines = [header, "-" * len(header)]
     for mode, e in result["modes"].items():
         lines.append(
-            f"{mode:<18}{str(e['identical']):>10}{e['tokens_per_s']:>10.1f}{e.get('tokens_per_pass', float('nan')):>10.2f}"
-            f"{e.get('mean_accepted', float('nan')):>10.2f}{e['median_ms']:>11.1f}{e['speedup']:>8.2f}x"
+            f"{mode:<18}{str(e['identical']):>10}{e['tokens_per_s']:>10.1f}{e.get('tokens_per_pass', nan):>10.2f}"
+            f"{e.get('tokens_fed_per_pass', nan):>10.2f}{e.get('mean_accepted', nan):>10.2f}"
+            f"{e.get('mean_accepted_adaptive', nan):>11.2f}{e['median_ms']:>11.1f}{e['speedup']:>8.2f}x"
         )
     return "\n".join(lines)
 
@@ -200,14 +221,15 @@ def main(args) -> int:
     print(f"model {loaded.ref} ({loaded.quantize}, {loaded.dtype}, {loaded.device}); k={k}; "
           f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each", file=sys.stderr)
     result = run_bench(loaded, prompts, k=k, adaptive_ids=list(adaptive_ids), max_new_tokens=args.max_new_tokens,
-                       with_hf=not args.no_hf, progress=progress)
+                       with_hf=not args.no_hf, progress=progress, draft_length=args.draft_length)
     print(file=sys.stderr)
     result.update(k=k, adaptive_ids=list(adaptive_ids), model=str(loaded.ref), device=loaded.device,
                   quantize=loaded.quantize, dtype=loaded.dtype, prompts=len(prompts), max_new_tokens=args.max_new_tokens,
-                  source=args.source or "stdlib-held-out")
+                  source=args.source or "stdlib-held-out", draft_length=args.draft_length)
     print(format_table(result))
     print(f"identical: {result['identical']}  speedup ({result['best_mode']}): {result['speedup']:.2f}x  "
-          f"tokens/pass: {result['tokens_per_pass']:.2f}  mean accepted: {result['mean_accepted']:.2f}")
+          f"tokens/pass: {result['tokens_per_pass']:.2f}  mean accepted: {result['mean_accepted']:.2f} "
+          f"(adaptive-token drafts: {result['mean_accepted_adaptive']:.2f})")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
     return 0 if result["identical"] else 1

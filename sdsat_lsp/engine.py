@@ -38,6 +38,7 @@ import torch
 from .errors import SdsatError
 
 MODES = ("ar", "two-pass", "fused")
+DRAFT_LENGTHS = ("adaptive", "fixed")
 
 
 @dataclass
@@ -63,6 +64,8 @@ class DecodeStats:
     drafts_verified: int = 0
     drafts_accepted: int = 0
     verify_passes: int = 0  # passes that checked at least one draft
+    lookup_passes: int = 0  # of those, passes whose drafts came from the context (lookup_ngram)
+    lookup_accepted: int = 0
     new_tokens: int = 0
     prefill_ms: float = 0.0
     wall_ms: float = 0.0
@@ -75,6 +78,12 @@ class DecodeStats:
         return self.drafts_accepted / self.verify_passes if self.verify_passes else 0.0
 
     @property
+    def mean_accepted_adaptive(self) -> float:
+        """Accepted drafts per verifying pass whose drafts came from the adaptive tokens."""
+        passes = self.verify_passes - self.lookup_passes
+        return (self.drafts_accepted - self.lookup_accepted) / passes if passes else 0.0
+
+    @property
     def tokens_per_pass(self) -> float:
         """New tokens per forward pass, the prefill pass included (it yields the first token)."""
         return self.new_tokens / self.forward_passes if self.forward_passes else 0.0
@@ -82,6 +91,7 @@ class DecodeStats:
     def as_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "accepted_per_pass"}
         d["mean_accepted"] = self.mean_accepted
+        d["mean_accepted_adaptive"] = self.mean_accepted_adaptive
         d["tokens_per_pass"] = self.tokens_per_pass
         return d
 
@@ -226,6 +236,42 @@ def forward(model, cache, ids: Sequence[int], positions: Sequence[int], mask: to
     return out.logits[0].float()
 
 
+def _decoder_and_head(model):
+    """(decoder, head) when the logits are exactly `head(decoder(...).last_hidden_state)`, else None."""
+    if getattr(model.config, "final_logit_softcapping", None):
+        return None
+    decoder, head = getattr(model, "model", None), model.get_output_embeddings()
+    return (decoder, head) if decoder is not None and head is not None else None
+
+
+def forward_states(model, cache, ids: Sequence[int], positions: Sequence[int], mask: torch.Tensor | None = None):
+    """Like `forward`, but the output head is applied later, to the rows that are needed:
+    returns (states, to_logits) where `to_logits(states[rows])` gives (len(rows), V) float32 logits.
+
+    A fused pass feeds a block of adaptive tokens for every acceptance length it prepares for and
+    then reads only one of them; the head (vocabulary x hidden) is a third of the small models'
+    per-token work, so projecting only the rows that are read is worth it."""
+    split = _decoder_and_head(model)
+    if split is None:
+        return forward(model, cache, ids, positions, mask), (lambda rows: rows)
+    decoder, head = split
+    device = _model_device(model)
+    with torch.inference_mode():
+        out = decoder(
+            input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device),
+            position_ids=torch.tensor([list(positions)], dtype=torch.long, device=device),
+            attention_mask=mask,
+            cache=cache,
+            use_cache=True,
+        )
+
+    def to_logits(rows: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return head(rows).float()
+
+    return out.last_hidden_state[0], to_logits
+
+
 def _block_mask(past: int, verify_len: int, blocks: list[int], block_len: int, dtype, device) -> torch.Tensor:
     """Additive (1, 1, q, past + q) mask for `[y, d_1..d_m]` followed by one adaptive block per
     acceptance length n in `blocks`: the block for n sees the cache, y..d_n and its own earlier slots."""
@@ -241,6 +287,40 @@ def _block_mask(past: int, verify_len: int, blocks: list[int], block_len: int, d
     mask = torch.zeros(q, past + q, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+class NgramIndex:
+    """Where each n-gram of a growing token sequence last occurred, for prompt-lookup drafts."""
+
+    def __init__(self, n: int, tokens: Sequence[int]):
+        self.n = n
+        self.tokens: list[int] = []
+        self._last_end: dict[tuple[int, ...], int] = {}  # n-gram -> end index of its latest occurrence
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            self.tokens.append(token)
+            end = len(self.tokens)
+            if end >= self.n:
+                self._last_end[tuple(self.tokens[end - self.n:end])] = end
+
+    def follow(self, next_token: int, limit: int) -> list[int]:
+        """Up to `limit` tokens that followed the latest earlier occurrence of the last n-gram of
+        tokens + [next_token]; [] when it never occurred before."""
+        if self.n < 1 or len(self.tokens) + 1 < self.n:
+            return []
+        size = len(self.tokens)
+        gram = tuple(self.tokens[size + 1 - self.n:]) + (next_token,)
+        end = self._last_end.get(gram)
+        if end is None:
+            return []
+        # Copy as LZ77 does, overlaps included: past the end of the tokens the copy continues from
+        # what it has produced itself, so a loop of period p drafts its next `limit` tokens.
+        tail = [next_token]
+        for j in range(end, end + limit):
+            tail.append(self.tokens[j] if j < size else tail[j - size])
+        return tail[1:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,6 +370,9 @@ def generate(
     deadline: float | None = None,
     accept_rule: AcceptRule = accept_draft,
     first_token_ids: Sequence[int] | None = None,
+    draft_length: str = "adaptive",
+    lookup_ngram: int = 0,
+    lookup_tokens: int = 8,
 ) -> Generation:
     """Decode after `prompt_ids`.
 
@@ -298,8 +381,22 @@ def generate(
     `Generation.cache_ids`. `deadline`: see `Stopper`. `accept_rule` exists so that tests can
     show a biased rule failing; leave it alone. `first_token_ids`: the first new token is chosen
     among these only (token healing, see `healing.py`); later tokens are free.
+
+    `draft_length`: "fixed" drafts k tokens every time and, in the fused mode, prepares a block for
+    every acceptance length (the scheme as published). "adaptive" (the default) starts at one
+    draft, drafts one more after a pass that accepted every draft and one fewer after one that did
+    not (between 1 and k), and prepares blocks only for accepting 0, 1, 2 or all drafts: a fused
+    pass with a block per length feeds about d*d tokens for d drafts, and drafts that are rarely
+    accepted cost more than they bring. After an acceptance length without a block the next pass
+    drafts afresh (as the two-pass scheme does). The output is the same either way; only the work
+    differs. `lookup_ngram` > 0 (SDSAT modes only): when the last `lookup_ngram` tokens occurred
+    before in the prompt or the output, up to `lookup_tokens` tokens that followed them there are
+    the draft instead of the adaptive tokens' (prompt-lookup decoding: code repeats itself); the
+    adaptive draft is used otherwise. Stats count the two kinds apart.
     """
     from transformers import DynamicCache
+
+    from .growable_cache import GrowableCache
 
     started = time.perf_counter()
     sampling = sampling or Sampling()
@@ -326,9 +423,14 @@ def generate(
                          f"inside it (got {len(prompt_ids)} + {max_new_tokens})")
     if cache is None:
         # A plain (full-attention) cache: a sliding-window one could not be cropped back.
-        cache = DynamicCache() if window else DynamicCache(config=model.config)
+        cache = DynamicCache() if window else GrowableCache(config=model.config)
+    if draft_length not in DRAFT_LENGTHS:
+        raise SdsatError(f"unknown draft length policy {draft_length!r}; choose one of {', '.join(DRAFT_LENGTHS)}")
     dtype, device = _model_dtype(model), _model_device(model)
     block = _adaptive_block(adaptive_ids, k) if mode != "ar" else []
+    # Adaptive blocks are causal, so the first d slots of a block draft exactly what a block of d
+    # would: the draft length is the block's length.
+    draft_len = len(block) if draft_length == "fixed" else min(1, len(block))
 
     def pick(logits_row: torch.Tensor, allowed: Sequence[int] | None = None) -> int:
         if allowed is not None:
@@ -351,11 +453,12 @@ def generate(
     if max_new_tokens <= 0 or (cancel is not None and cancel()):
         stats.wall_ms = (time.perf_counter() - started) * 1e3
         return Generation([], "length" if max_new_tokens <= 0 else "cancelled", stats, prompt_ids[:reused])
-    logits = forward(model, cache, feed + block, range(reused, reused + len(feed) + len(block)),
-                     logits_to_keep=1 + len(block))
+    first_block = block[:draft_len]
+    logits = forward(model, cache, feed + first_block, range(reused, reused + len(feed) + len(first_block)),
+                     logits_to_keep=1 + len(first_block))
     stats.forward_passes += 1
     stats.prefill_tokens = len(feed)
-    stats.tokens_fed += len(feed) + len(block)
+    stats.tokens_fed += len(feed) + len(first_block)
     crop_to(len(prompt_ids))
     stats.prefill_ms = (time.perf_counter() - started) * 1e3
     y = pick(logits[0], first_token_ids)
@@ -363,12 +466,17 @@ def generate(
     done = stopper.push(y)
     # The sequence whose KV the cache holds: prompt, then emitted tokens except the newest (y).
     seq = list(prompt_ids)
+    lookup = NgramIndex(lookup_ngram, prompt_ids) if lookup_ngram > 0 and block else None
 
     while not done:
         if cancel is not None and cancel():
             stopper.finish_reason = "cancelled"
             break
         base = len(seq)  # position of y; the stopper's length limit keeps it inside the context
+        looked_up = lookup.follow(y, lookup_tokens) if lookup is not None else []
+        from_lookup = bool(looked_up)
+        if from_lookup:
+            drafts = looked_up
         drafts = drafts[: max(0, ctx - base - 1)]
         verify = [y] + drafts
         if mode == "ar":
@@ -377,15 +485,19 @@ def generate(
             blocks = [] if drafts else [0]
         else:
             blocks = list(range(len(drafts) + 1))
+            if draft_length == "adaptive":
+                blocks = blocks[:3] + blocks[3:][-1:]
         ids = list(verify)
         positions = list(range(base, base + len(verify)))
+        pass_block = block[:draft_len]
         for n in blocks:
-            ids += block
-            positions += range(base + n + 1, base + n + 1 + len(block))
+            ids += pass_block
+            positions += range(base + n + 1, base + n + 1 + len(pass_block))
         # A single block after the whole draft is still a plain causal layout; only more needs a mask.
         contiguous = not blocks or blocks == [len(drafts)]
-        mask = None if contiguous else _block_mask(base, len(verify), blocks, len(block), dtype, device)
-        logits = forward(model, cache, ids, positions, mask)
+        mask = None if contiguous else _block_mask(base, len(verify), blocks, len(pass_block), dtype, device)
+        states, to_logits = forward_states(model, cache, ids, positions, mask)
+        logits = to_logits(states[: len(verify)])
         stats.forward_passes += 1
         stats.tokens_fed += len(ids)
 
@@ -406,14 +518,23 @@ def generate(
             stats.verify_passes += 1
             stats.drafts_verified += len(drafts)
             stats.drafts_accepted += accepted
+            if from_lookup:
+                stats.lookup_passes += 1
+                stats.lookup_accepted += accepted
         next_y = correction if correction is not None else pick(logits[accepted])
         if accepted in blocks:
-            row = len(verify) + blocks.index(accepted) * len(block)
-            next_drafts = [int(t) for t in torch.argmax(logits[row:row + len(block)], dim=-1).tolist()]
+            row = len(verify) + blocks.index(accepted) * len(pass_block)
+            block_logits = to_logits(states[row:row + len(pass_block)])
+            next_drafts = [int(t) for t in torch.argmax(block_logits, dim=-1).tolist()]
         else:
             next_drafts = []
+        if drafts and draft_length == "adaptive" and not from_lookup:
+            draft_len = min(len(block), draft_len + 1) if accepted == len(drafts) else max(1, draft_len - 1)
+            next_drafts = next_drafts[:draft_len]
         crop_to(base + 1 + accepted)
         seq += verify[: 1 + accepted]
+        if lookup is not None:
+            lookup.extend(verify[: 1 + accepted])
         done = stopper.push_all(drafts[:accepted] + [next_y])
         y, drafts = next_y, next_drafts
 

@@ -511,16 +511,15 @@ def load_blocking(settings: Settings, report) -> tuple[Any, KVCacheStore]:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    from transformers import DynamicCache
-
     from .embedded import resolve_model
+    from .growable_cache import GrowableCache
 
     log.info("torch and transformers imported in %.1f s", time.perf_counter() - started)
     report("loading weights", 50)
     loaded = resolve_model(settings.model or None, quantize=settings.quantize, device=settings.device,
                            dtype=settings.dtype)
     model = loaded.model
-    store = KVCacheStore(lambda: DynamicCache(config=model.config), settings.cache_budget_mb * 2**20,
+    store = KVCacheStore(lambda: GrowableCache(config=model.config), settings.cache_budget_mb * 2**20,
                          enabled=settings.kv_cache)
     report("warming up", 90)
     from .engine import generate

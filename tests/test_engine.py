@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from sdsat_lsp.engine import generate
+from sdsat_lsp.engine import NgramIndex, generate
 from sdsat_lsp.errors import SdsatError
 from sdsat_lsp.kvcache import common_prefix_len
 
@@ -28,14 +28,24 @@ def accepted_draft_indices(stats) -> list[int]:
     return indices
 
 
+# How drafts are sized and sourced: the output must not depend on it.
+DRAFT_POLICIES = {
+    "adaptive": {"draft_length": "adaptive"},
+    "fixed": {"draft_length": "fixed"},
+    "lookup": {"lookup_ngram": 2},
+}
+
+
+@pytest.mark.parametrize("policy", DRAFT_POLICIES)
 @pytest.mark.parametrize("mode", SDSAT_MODES)
-def test_identical_to_greedy_for_every_k(sdsat_micro, code_prompts, mode):
+def test_identical_to_greedy_for_every_k(sdsat_micro, code_prompts, mode, policy):
     model, _, adaptive = sdsat_micro
     total_accepted = 0
     for prompt in code_prompts[:3]:
         expected = ar(model, prompt, max_new_tokens=48, eos_ids=[]).tokens
         for k in range(1, 14):
-            got = generate(model, prompt, mode=mode, k=k, adaptive_ids=[adaptive], max_new_tokens=48, eos_ids=[])
+            got = generate(model, prompt, mode=mode, k=k, adaptive_ids=[adaptive], max_new_tokens=48, eos_ids=[],
+                           **DRAFT_POLICIES[policy])
             assert got.tokens == expected, (mode, k)
             assert got.finish_reason == "length"
             total_accepted += got.stats.drafts_accepted
@@ -117,6 +127,43 @@ def test_stop_string_inside_accepted_draft(sdsat_micro, code_prompts, mode):
                    stop_strings=stop, decode=decode)
     assert expected.finish_reason == "stop" and expected.tokens == tokens[: i + 1]
     assert got.tokens == expected.tokens and got.finish_reason == "stop"
+
+
+def test_adaptive_draft_length_feeds_less_when_drafts_fail(tiny_lm):
+    """An untrained model's drafts are always wrong: the adaptive schedule falls to one draft per
+    pass (a fused pass of 4 tokens) where the fixed one keeps feeding (k+1) + (k+1)k tokens."""
+    model, tokenizer, adaptive = tiny_lm
+    prompt = tokenizer("def read_config(path):\n    with open(path) as handle:\n", add_special_tokens=False)["input_ids"]
+    runs = {policy: generate(model, prompt, mode="fused", k=5, adaptive_ids=[adaptive], max_new_tokens=40,
+                             draft_length=policy) for policy in ("adaptive", "fixed")}
+    assert runs["adaptive"].tokens == runs["fixed"].tokens
+    fed = {p: (g.stats.tokens_fed - g.stats.prefill_tokens) / g.stats.forward_passes for p, g in runs.items()}
+    assert runs["fixed"].stats.drafts_accepted == 0
+    assert fed["fixed"] > 30 and fed["adaptive"] < 6, fed
+
+
+def test_ngram_index_follows_latest_earlier_occurrence():
+    index = NgramIndex(2, [1, 2, 3, 9, 1, 2, 4, 5, 1])
+    assert index.follow(2, 2) == [4, 5]  # "1 2" last ended at index 6, then came 4 5
+    assert index.follow(7, 3) == []  # "1 7" never occurred
+    index.extend([2, 4])
+    # "4 5" ended at index 8; past the end the copy continues from itself (the period-3 loop 5 1 2 4)
+    assert index.follow(5, 7) == [1, 2, 4, 5, 1, 2, 4]
+    loop = NgramIndex(3, [8, 8, 8])
+    assert loop.follow(8, 4) == [8, 8, 8, 8]
+
+
+def test_lookup_drafts_come_from_repeated_context(sdsat_micro):
+    """A prompt that repeats itself: a model trained on code continues the pattern, so drafts
+    copied from the context get accepted; the output is still plain greedy."""
+    model, tokenizer, adaptive = sdsat_micro
+    line = "    total = total + compute(values[index], weights[index])\n"
+    prompt = tokenizer("def f(values, weights):\n" + line * 6, add_special_tokens=False)["input_ids"]
+    expected = ar(model, prompt, max_new_tokens=60).tokens
+    for mode in SDSAT_MODES:
+        got = generate(model, prompt, mode=mode, k=5, adaptive_ids=[adaptive], max_new_tokens=60, lookup_ngram=3)
+        assert got.tokens == expected
+        assert got.stats.lookup_passes > 0 and got.stats.lookup_accepted > 0, got.stats
 
 
 def test_fused_saves_passes(sdsat_micro, code_prompts):
