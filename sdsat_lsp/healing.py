@@ -10,6 +10,14 @@ text (`fail`, `\\n        `); the caller strips that text from the output again.
 Only the first token is constrained, and a constraint on the prefill's logits is applied the same
 way by every decoding mode, so SDSAT output stays identical to plain greedy decoding of the same
 healed prompt.
+
+Indentation needs one more rule. After an editor auto-indents (`def f(x):\n    |`), the prompt ends
+in a token `\n    ` that in training text only ever preceded a blank line: there `\n    return`
+is `\n   ` + ` return`, the last space belonging to the word. Requiring a first token that
+starts with `\n    ` would force a longer run of spaces (`\n       ` then ` return`: four spaces
+too many). So a removed text that is all whitespace also admits the tokens that are a start of it,
+and the output may indent its first line differently from the editor: the completion then begins
+at the output's first visible character, where the cursor already is.
 """
 
 from __future__ import annotations
@@ -61,7 +69,9 @@ def heal(tokenizer, prompt_ids: Sequence[int]) -> Healing | None:
     tail = texts[last]
     if not tail or "\ufffd" in tail:
         return None
-    allowed = [i for i, t in enumerate(texts) if t.startswith(tail) and i not in specials]
+    blank = not tail.strip()
+    allowed = [i for i, t in enumerate(texts)
+               if i not in specials and t and (t.startswith(tail) or (blank and tail.startswith(t)))]
     if allowed == [last]:
         return None
     return Healing(list(prompt_ids[:-1]), tail, allowed)
@@ -71,9 +81,46 @@ def healed_decoder(decode: Callable[[list[int]], str], healing: Healing | None) 
     """`decode` for generated ids, minus the healed text they start with (the text after the cursor)."""
     if healing is None:
         return decode
-    n = len(healing.text)
+    typed = healing.text
+    # Whitespace that ends in indentation: the cursor sits where the editor indented the line.
+    # (After a bare newline the cursor is at column 0 and the output's indentation is the completion's.)
+    indented = not typed.strip() and not typed.endswith("\n")
 
     def after_cursor(tokens: list[int]) -> str:
-        return decode(tokens)[n:]
+        text = decode(tokens)
+        if not indented:
+            return text[len(typed):]
+        return reindent_after_blank(typed, text)
 
     return after_cursor
+
+
+def _indent_before(s: str, end: int) -> int | None:
+    """Characters between the last newline before `end` and `end`; None when there is none."""
+    newline = s.rfind("\n", 0, end)
+    return None if newline < 0 else end - newline - 1
+
+
+def reindent_after_blank(typed: str, text: str) -> str:
+    """`text` (generated in place of the whitespace `typed` before the cursor) as inserted at the cursor.
+
+    The editor put the cursor where it wants the line to start; the model may indent that line
+    differently. The completion starts at the output's first visible character ("" while there is
+    none yet), and later lines move by as much as the first line was indented off the cursor, so
+    the block keeps its shape."""
+    visible = len(text) - len(text.lstrip())
+    if visible == len(text):
+        return ""
+    body = text[visible:]
+    model_indent = _indent_before(text, visible)
+    if model_indent is None:  # still on the cursor's line
+        extra = visible - len(typed)
+    else:
+        typed_indent = _indent_before(typed, len(typed))
+        extra = model_indent - (len(typed) if typed_indent is None else typed_indent)
+    if extra == 0 or "\n" not in body:
+        return body
+    first, *rest = body.split("\n")
+    if extra < 0:
+        return "\n".join([first] + [" " * -extra + line if line.strip() else line for line in rest])
+    return "\n".join([first] + [line[min(extra, len(line) - len(line.lstrip(" "))):] for line in rest])

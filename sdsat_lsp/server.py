@@ -61,6 +61,7 @@ STATS = "sdsat/stats"
 CONFIG_SECTION = "sdsat"  # the settings section pulled with workspace/configuration
 CONFIG_PULL_TIMEOUT_S = 2.0
 DECODING_MODES = ("fused", "two-pass", "ar")
+DRAFT_LENGTHS = ("adaptive", "fixed")  # engine.DRAFT_LENGTHS (the engine imports torch; this module must not)
 RELOAD_KEYS = ("model", "quantize", "device", "dtype", "threads")  # changing these reloads the model
 
 
@@ -80,6 +81,8 @@ class Settings:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     k: int = 0  # adaptive tokens per draft block; 0 = the model card's
     mode: str = "fused"  # SDSAT decoding: fused | two-pass | ar (plain greedy)
+    draft_length: str = "adaptive"  # adaptive | fixed (always k drafts; see engine.generate)
+    lookup_ngram: int = 3  # draft from the context when the last n tokens occurred before; 0 = off
     max_tokens: int = 64  # new tokens per completion
     time_budget_ms: int = 400  # past this, stop at the next newline; 0 = no budget
     line_mode: str = "auto"  # auto | single | multi
@@ -96,9 +99,9 @@ class Settings:
     enabled: bool = True
 
 
-_CHOICES = {"mode": DECODING_MODES, "line_mode": LINE_MODES}
+_CHOICES = {"mode": DECODING_MODES, "line_mode": LINE_MODES, "draft_length": DRAFT_LENGTHS}
 _RANGES = {
-    "threads": (0, 1024), "k": (0, 64), "max_tokens": (1, 4096), "time_budget_ms": (0, 600_000),
+    "threads": (0, 1024), "k": (0, 64), "lookup_ngram": (0, 16), "max_tokens": (1, 4096), "time_budget_ms": (0, 600_000),
     "max_prompt_tokens": (16, 1 << 20), "max_suffix_tokens": (0, 1 << 16), "temperature": (0.0, 100.0),
     "top_k": (0, 1 << 20), "top_p": (1e-6, 1.0), "seed": (-1, 2**62), "cache_budget_mb": (0, 1 << 24),
 }
@@ -448,6 +451,7 @@ class SdsatServer(LanguageServer):
                 cache=lease.cache, cancel=job.cancel.is_set,
                 deadline=job.created + s.time_budget_ms / 1e3 if s.time_budget_ms else None,
                 first_token_ids=healing.first_token_ids if healing is not None else None,
+                draft_length=s.draft_length, lookup_ngram=s.lookup_ngram,
             )
         except BaseException:
             store.discard(lease)  # its state is unknown
@@ -458,7 +462,8 @@ class SdsatServer(LanguageServer):
             promptTokens=len(ids), healed=healing is not None, reusedTokens=st.reused_tokens, prefillTokens=st.prefill_tokens,
             cachedBefore=lease.cached_before, prefillMs=round(st.prefill_ms, 2),
             decodeMs=round(st.wall_ms - st.prefill_ms, 2), newTokens=st.new_tokens, forwardPasses=st.forward_passes,
-            draftsAccepted=st.drafts_accepted, draftsVerified=st.drafts_verified, finishReason=gen.finish_reason,
+            draftsAccepted=st.drafts_accepted, draftsVerified=st.drafts_verified, lookupAccepted=st.lookup_accepted,
+            finishReason=gen.finish_reason,
             multiline=prompt.context.multiline, fim=prompt.fim, windowStart=prompt.prefix_start, mode=mode, k=k,
         )
         if gen.finish_reason == "cancelled":

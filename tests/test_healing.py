@@ -42,8 +42,51 @@ def test_healed_generation_starts_with_the_removed_text_and_modes_agree(sdsat_mi
         out = generate(model, h.ids, mode=mode, **kw)
         ref = generate(model, h.ids, mode="ar", **kw)
         assert out.tokens == ref.tokens
-        assert texts[out.tokens[0]].startswith(h.text)
+        first = texts[out.tokens[0]]
+        assert first.startswith(h.text) or (not h.text.strip() and h.text.startswith(first))
         decode = healed_decoder(continuation_decoder(tokenizer, h.ids), h)
         full = continuation_decoder(tokenizer, h.ids)(out.tokens)
-        assert full == h.text + decode(out.tokens)
+        if full.startswith(h.text):
+            assert full == h.text + decode(out.tokens)
+        else:  # indentation the model wrote its own way: the completion starts at visible text
+            assert decode(out.tokens) == full.lstrip()
     assert healed >= 3
+
+
+def test_auto_indented_line_admits_the_tokens_that_start_the_indentation():
+    """`def f(x):\n    |` ends in the token "\n    ", which training text only has before blank
+    lines ("\n    return" is "\n   " + " return"). The start of the indentation must be allowed,
+    or the model is pushed into a longer run of spaces."""
+    from sdsat_lsp.embedded import resolve_model
+
+    loaded = resolve_model(None)
+    tokenizer, texts = loaded.tokenizer, token_texts(loaded.tokenizer)
+    for prompt in ("def f(x):\n    ", "class A:\n    def f(self, items):\n        "):
+        natural = tokenizer(prompt + "return x", add_special_tokens=False)["input_ids"]
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        h = heal(tokenizer, ids)
+        assert h is not None and h.text.strip() == "" and h.text.startswith("\n")
+        line_start = natural[len(h.ids)]  # how the indentation is cut when code follows it
+        assert texts[line_start] != h.text and h.text.startswith(texts[line_start])
+        assert line_start in h.first_token_ids
+        out = generate(loaded.model, h.ids, mode="fused", k=loaded.card.k, adaptive_ids=loaded.card.adaptive_ids,
+                       max_new_tokens=12, eos_ids=[], first_token_ids=h.first_token_ids)
+        text = healed_decoder(continuation_decoder(tokenizer, h.ids), h)(out.tokens)
+        assert text and not text[0].isspace(), repr(text)
+
+
+def test_healed_decoder_for_whitespace_keeps_the_editors_indentation():
+    h = type("H", (), {"text": "\n    "})()
+    pieces = {1: "\n   ", 2: " return", 3: "\n  ", 4: "return", 5: "\n    ", 6: " x", 7: "\n           ", 8: " #",
+              9: "\n            ", 10: "\n      "}
+    decode = healed_decoder(lambda ids: "".join(pieces[i] for i in ids), h)
+    assert decode([1, 2, 6]) == "return x"  # as typed, split differently
+    assert decode([5, 4, 6]) == "return x"
+    assert decode([1]) == ""  # nothing visible yet
+    # Indented deeper than the editor (12 columns, not 4): the block moves left with its first line.
+    assert decode([7, 8, 6, 9, 4, 10, 4]) == "# x\n    return\nreturn"
+    # Indented less (2 columns): later lines move right by 2.
+    assert decode([3, 4, 3, 4]) == "return\n    return"
+    # After a bare newline the cursor is at column 0: the output's indentation is part of the completion.
+    at_column_0 = healed_decoder(lambda ids: "".join(pieces[i] for i in ids), type("H", (), {"text": "\n"})())
+    assert at_column_0([1, 2, 6]) == "    return x"
