@@ -560,7 +560,8 @@ def _fail_at_pass(model, n: int) -> None:
             handle.remove()
             raise RuntimeError(f"injected fault at forward pass {n} (SDSAT_LSP_TEST_FAIL_PASS)")
 
-    handle = model.register_forward_pre_hook(hook)
+    # On the decoder: the engine runs it directly when it applies the output head itself.
+    handle = getattr(model, "model", model).register_forward_pre_hook(hook)
 
 
 def _plain(value: Any) -> Any:
