@@ -23,8 +23,9 @@ rollback needed.
 - "two-pass" (the reference): a pass with no drafts carries the n=0 block (a draft pass: one token
   plus k drafts); a pass with drafts carries no block (a verify pass). At most (k+2)/2 tokens/pass.
 - "fused": every pass carries a block for every n in 0..m under a 4-D mask, so verifying and
-  drafting share one pass: 1 + accepted tokens per pass. On CPU a pass of tens of tokens costs well
-  under 2x a pass of one, so saving passes is what pays.
+  drafting share one pass: 1 + accepted tokens per pass. On CPU a pass costs a fixed part plus a
+  part per token fed (embedded model, 2 cores: ~10 ms + 0.3 ms per token), so saving passes pays
+  as long as the blocks stay small: see `draft_length`.
 """
 
 from __future__ import annotations
@@ -221,19 +222,20 @@ def forward(model, cache, ids: Sequence[int], positions: Sequence[int], mask: to
             logits_to_keep: int = 0) -> torch.Tensor:
     """One forward pass appending `ids` to `cache`; returns (T, V) float32 logits (the last
     `logits_to_keep` positions when it is > 0)."""
-    device = _model_device(model)
-    input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
-    position_ids = torch.tensor([list(positions)], dtype=torch.long, device=device)
     with torch.inference_mode():
-        out = model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=mask,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-        )
+        out = model(**_pass_inputs(model, cache, ids, positions, mask), logits_to_keep=logits_to_keep)
     return out.logits[0].float()
+
+
+def _pass_inputs(model, cache, ids: Sequence[int], positions: Sequence[int], mask: torch.Tensor | None) -> dict:
+    device = _model_device(model)
+    return dict(
+        input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device),
+        position_ids=torch.tensor([list(positions)], dtype=torch.long, device=device),
+        attention_mask=mask,
+        cache=cache,
+        use_cache=True,
+    )
 
 
 def _decoder_and_head(model):
@@ -255,15 +257,8 @@ def forward_states(model, cache, ids: Sequence[int], positions: Sequence[int], m
     if split is None:
         return forward(model, cache, ids, positions, mask), (lambda rows: rows)
     decoder, head = split
-    device = _model_device(model)
     with torch.inference_mode():
-        out = decoder(
-            input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device),
-            position_ids=torch.tensor([list(positions)], dtype=torch.long, device=device),
-            attention_mask=mask,
-            cache=cache,
-            use_cache=True,
-        )
+        out = decoder(**_pass_inputs(model, cache, ids, positions, mask))
 
     def to_logits(rows: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
