@@ -18,6 +18,8 @@ import pytest
 
 from sdsat_lsp.stress import Connection, Mirror, Tally, _wait_state, reference_completion
 
+from documents import WALK_MODULE as DOC  # tests/documents.py
+
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SERVER = [sys.executable, "-m", "sdsat_lsp.cli", "--stdio", "-v"]
@@ -25,25 +27,6 @@ OPTIONS = {"quantize": "none", "threads": 1, "timeBudgetMs": 0, "maxPromptTokens
 LONG = {"maxTokens": 4096, "lineMode": "multi", "mode": "ar"}  # decodes until the context is full: seconds
 CAPS = {"window": {"workDoneProgress": True}, "workspace": {"didChangeConfiguration": {}},
         "textDocument": {"synchronization": {}, "inlineCompletion": {}}}
-
-DOC = '''import os
-
-
-def walk(top, depth=0):
-    """Yield every path under top."""
-    for name in sorted(os.listdir(top)):
-        path = os.path.join(top, name)
-        if os.path.isdir(path):
-            yield from walk(path, depth + 1)
-        yield path
-
-
-def main(argv):
-    count = 0
-    for path in walk(argv[1]):
-        count += 1
-    print(count)
-'''
 
 
 async def start(options: dict, env: dict | None = None, wait: bool = True) -> Connection:

@@ -22,32 +22,14 @@ from sdsat_lsp.healing import heal, healed_decoder
 from sdsat_lsp.kvcache import common_prefix_len
 from sdsat_lsp.prompt import Rules, build_prompt, continuation_decoder
 
+from documents import WALK_MODULE as DOC  # tests/documents.py
+
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SERVER = [sys.executable, "-m", "sdsat_lsp.cli", "--stdio", "-v"]
 READY_TIMEOUT = 120
 MAX_TOKENS = 24
 BASE_OPTIONS = {"quantize": "none", "threads": 1, "timeBudgetMs": 0, "maxPromptTokens": 256, "maxTokens": MAX_TOKENS}
-
-DOC = '''import os
-import sys
-
-
-def walk(top, depth=0):
-    """Yield every path under top."""
-    for name in sorted(os.listdir(top)):
-        path = os.path.join(top, name)
-        if os.path.isdir(path):
-            yield from walk(path, depth + 1)
-        yield path
-
-
-def main(argv):
-    count = 0
-    for path in walk(argv[1]):
-        count += 1
-    print(count)
-'''
 
 
 def capabilities(inline: bool = True, encodings: list[str] | None = None, pull: bool = False) -> types.ClientCapabilities:
