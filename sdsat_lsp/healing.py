@@ -15,9 +15,9 @@ Indentation needs one more rule. After an editor auto-indents (`def f(x):\n    |
 in a token `\n    ` that in training text only ever preceded a blank line: there `\n    return`
 is `\n   ` + ` return`, the last space belonging to the word. Requiring a first token that
 starts with `\n    ` would force a longer run of spaces (`\n       ` then ` return`: four spaces
-too many). So a removed text that is all whitespace also admits the tokens that are a start of it,
-and the output may indent its first line differently from the editor: the completion then begins
-at the output's first visible character, where the cursor already is.
+too many). So a removed text that is a newline and indentation also admits the tokens that are a
+start of it, and the output may indent its first line differently from the editor: the completion
+then begins at the output's first visible character, where the cursor already is.
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ def heal(tokenizer, prompt_ids: Sequence[int]) -> Healing | None:
     tail = texts[last]
     if not tail or "\ufffd" in tail:
         return None
-    blank = not tail.strip()
+    indent = is_line_indent(tail)
     allowed = [i for i, t in enumerate(texts)
-               if i not in specials and t and (t.startswith(tail) or (blank and tail.startswith(t)))]
+               if i not in specials and t and (t.startswith(tail) or (indent and tail.startswith(t)))]
     if allowed == [last]:
         return None
     return Healing(list(prompt_ids[:-1]), tail, allowed)
@@ -82,9 +82,7 @@ def healed_decoder(decode: Callable[[list[int]], str], healing: Healing | None) 
     if healing is None:
         return decode
     typed = healing.text
-    # Whitespace that ends in indentation: the cursor sits where the editor indented the line.
-    # (After a bare newline the cursor is at column 0 and the output's indentation is the completion's.)
-    indented = not typed.strip() and not typed.endswith("\n")
+    indented = is_line_indent(typed)
 
     def after_cursor(tokens: list[int]) -> str:
         text = decode(tokens)
@@ -93,6 +91,13 @@ def healed_decoder(decode: Callable[[list[int]], str], healing: Healing | None) 
         return reindent_after_blank(typed, text)
 
     return after_cursor
+
+
+def is_line_indent(text: str) -> bool:
+    """A newline and the next line's indentation: the cursor sits where the editor indented a line.
+    (After a bare newline the cursor is at column 0 and the output's indentation is the completion's;
+    other whitespace is inside a line and healed like any other text.)"""
+    return "\n" in text and not text.strip() and not text.endswith("\n")
 
 
 def _indent_before(s: str, end: int) -> int | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sdsat_lsp.engine import generate
-from sdsat_lsp.healing import heal, healed_decoder, token_texts
+from sdsat_lsp.healing import heal, healed_decoder, is_line_indent, token_texts
 from sdsat_lsp.prompt import continuation_decoder
 
 
@@ -43,13 +43,13 @@ def test_healed_generation_starts_with_the_removed_text_and_modes_agree(sdsat_mi
         ref = generate(model, h.ids, mode="ar", **kw)
         assert out.tokens == ref.tokens
         first = texts[out.tokens[0]]
-        assert first.startswith(h.text) or (not h.text.strip() and h.text.startswith(first))
+        assert first.startswith(h.text) or (is_line_indent(h.text) and h.text.startswith(first))
         decode = healed_decoder(continuation_decoder(tokenizer, h.ids), h)
         full = continuation_decoder(tokenizer, h.ids)(out.tokens)
-        if full.startswith(h.text):
+        if not is_line_indent(h.text):
             assert full == h.text + decode(out.tokens)
-        else:  # indentation the model wrote its own way: the completion starts at visible text
-            assert decode(out.tokens) == full.lstrip()
+        else:  # the editor's indentation stands: the completion starts at the first visible text
+            assert decode(out.tokens).split("\n")[0] == full.lstrip().split("\n")[0]
     assert healed >= 3
 
 
@@ -90,3 +90,18 @@ def test_healed_decoder_for_whitespace_keeps_the_editors_indentation():
     # After a bare newline the cursor is at column 0: the output's indentation is part of the completion.
     at_column_0 = healed_decoder(lambda ids: "".join(pieces[i] for i in ids), type("H", (), {"text": "\n"})())
     assert at_column_0([1, 2, 6]) == "    return x"
+
+
+def test_only_a_newline_and_indentation_counts_as_an_indented_line():
+    from transformers import AutoTokenizer
+
+    from sdsat_lsp.embedded import EMBEDDED_DIR
+
+    assert is_line_indent("\n    ") and is_line_indent("\n\n\t")
+    assert not is_line_indent("    ") and not is_line_indent("\n") and not is_line_indent(" ")
+    # Whitespace inside a line is healed like other text: the first token must extend it.
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_DIR)
+    h = heal(tokenizer, tokenizer("result = compute(a, ", add_special_tokens=False)["input_ids"])
+    assert h is not None and h.text == " "
+    texts = token_texts(tokenizer)
+    assert all(texts[i].startswith(" ") for i in h.first_token_ids)
