@@ -252,8 +252,11 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--stop-after", type=int, help="checkpoint and stop after this many steps in this run (train in chunks)")
+    p.add_argument("--time-budget", type=float,
+                   help="train for about this many seconds: after the first steps, --steps is lowered to what the "
+                        "measured speed affords (the learning-rate schedule follows; a resume keeps the count)")
     p.add_argument("--source", help="train on the Python files under this folder (default: the standard library)")
-    p.add_argument("--eval-prompts", type=int, default=20, help="held-out prompts for the acceptance evaluation")
+    p.add_argument("--eval-prompts", type=int, default=20, help="held-out prompts for the acceptance evaluation (0: skip it)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
 
@@ -355,11 +358,18 @@ def acceptance_by_k(model, held: torch.Tensor, adaptive_ids: list[int], max_k: i
     return result
 
 
-def _save_checkpoint(path: Path, model, opt, sched, step: int, rng: random.Random) -> None:
+def _evaluate(model, held: torch.Tensor, adaptive_ids: list[int], args) -> dict:
+    result = {"heldout_real_loss": heldout_real_loss(model, held, args.seq_len)}
+    if args.eval_prompts:
+        result["mean_accepted_by_k"] = acceptance_by_k(model, held, adaptive_ids, args.max_block, args.eval_prompts)
+    return result
+
+
+def _save_checkpoint(path: Path, model, opt, sched, step: int, rng: random.Random, steps: int) -> None:
     tmp = path.with_suffix(".tmp")
     trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     # Optimizer state stays on the training device; torch.load(map_location=...) brings it back.
-    torch.save({"step": step, "trainable": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(),
+    torch.save({"step": step, "steps": steps, "trainable": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(),
                 "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
     tmp.replace(path)  # atomic: a kill mid-save leaves the previous checkpoint intact
 
@@ -380,6 +390,9 @@ def run_training(args) -> dict:
 
         raise SdsatError("--device cuda was asked for, but this machine has no CUDA GPU (torch.cuda.is_available() is False)")
     model.to(device)
+    if device.startswith("cuda"):  # TF32 matmuls: several times fp32's speed, plenty for training
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     peft_mode = args.peft if args.peft != "auto" else ("none" if from_scratch else "lora")
     data = _prepare_data(args, out, tokenizer)
     train_stream, held = data["train"], data["held"]
@@ -392,8 +405,7 @@ def run_training(args) -> dict:
         report["before"] = {"note": "trained from scratch: the starting point is random weights"}
     if "before" not in report:
         model.eval()
-        report["before"] = {"heldout_real_loss": heldout_real_loss(model, held, args.seq_len),
-                            "mean_accepted_by_k": acceptance_by_k(model, held, adaptive_ids, args.max_block, args.eval_prompts)}
+        report["before"] = _evaluate(model, held, adaptive_ids, args)
         report_path.write_text(json.dumps(report, indent=2))
     if peft_mode == "lora":
         model = _wrap_lora(model, adaptive_ids, args.lora_rank)
@@ -417,39 +429,55 @@ def run_training(args) -> dict:
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"].cpu())
         start_step = state["step"]
-        log.info("resumed from step %d", start_step)
+        args.steps = state.get("steps", args.steps)
+        log.info("resumed from step %d of %d", start_step, args.steps)
 
     stream = train_stream.tolist()
     model.train()
-    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="sdsat train",
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(initial=start_step, total=args.steps, desc="sdsat train", file=sys.stderr, dynamic_ncols=True)
     started, tokens_seen = time.perf_counter(), 0
-    stop_at = min(args.steps, start_step + args.stop_after) if args.stop_after else args.steps
-    for step in bar:
-        if step >= stop_at:
+    budget_from = start_step + 5  # the first steps include one-off costs (allocation, kernel choice)
+    step = start_step
+    while step < args.steps:
+        if args.stop_after and step >= start_step + args.stop_after:
             bar.close()
-            _save_checkpoint(ckpt, model, opt, sched, step, rng)
+            _save_checkpoint(ckpt, model, opt, sched, step, rng, args.steps)
             log.info("stopped after step %d of %d; run the same command again to resume", step, args.steps)
             return report
+        if args.time_budget and step == budget_from:
+            budget_started = time.perf_counter()
+        if args.time_budget and step == budget_from + 20 and start_step == 0:
+            per_step = (time.perf_counter() - budget_started) / 20
+            affordable = step + int((args.time_budget - (time.perf_counter() - started)) / per_step)
+            if affordable < args.steps:
+                log.info("time budget %.0f s at %.3f s/step: %d steps instead of %d", args.time_budget, per_step,
+                         affordable, args.steps)
+                args.steps = bar.total = max(step + 1, affordable)
         tokens = token_chunks(stream, args.seq_len, rng, args.batch_size)
         real, adaptive = train_step(model, opt, sched, params, tokens, adaptive_ids, args.max_block,
                                     args.blocks_per_row, args.adaptive_weight, rng, args.targets)
+        step += 1
+        bar.update(1)
         tokens_seen += tokens.numel()
         bar.set_postfix(real=f"{real.item():.3f}", adaptive=f"{adaptive.item():.3f}",
                         tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
-        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
-            _save_checkpoint(ckpt, model, opt, sched, step + 1, rng)
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            _save_checkpoint(ckpt, model, opt, sched, step, rng, args.steps)
             if peft_mode == "none":  # a usable snapshot at every checkpoint (long runs end without warning)
                 _save_final(model, tokenizer, adaptive_ids, args, out / "snapshot", peft_mode)
-                model.train()
+            # A few held-out windows show when more steps stop helping (over-fitting a small corpus).
+            model.eval()
+            heldout = heldout_real_loss(model, held, args.seq_len, windows=8)
+            model.train()
             with (out / "log.jsonl").open("a") as f:
-                f.write(json.dumps({"step": step + 1, "real": real.item(), "adaptive": adaptive.item(),
-                                    "lr": sched.get_last_lr()[0], "time": time.time()}) + "\n")
+                f.write(json.dumps({"step": step, "real": real.item(), "adaptive": adaptive.item(),
+                                    "heldout_real_8": round(heldout, 4), "lr": sched.get_last_lr()[0],
+                                    "time": time.time()}) + "\n")
+    bar.close()
     model.eval()
     final_dir = out / "model"
     _save_final(model, tokenizer, adaptive_ids, args, final_dir, peft_mode)
-    report["after"] = {"heldout_real_loss": heldout_real_loss(model, held, args.seq_len),
-                       "mean_accepted_by_k": acceptance_by_k(model, held, adaptive_ids, args.max_block, args.eval_prompts)}
+    report["after"] = _evaluate(model, held, adaptive_ids, args)
     report.update(files_hash=data["files_hash"], held_out_files=len(data["held_files"]), train_tokens=len(stream),
                   held_tokens=len(held), steps=args.steps, seed=args.seed, peft=peft_mode, lr=lr,
                   loss_mix=f"real + {args.adaptive_weight} * adaptive", adaptive_ids=adaptive_ids,
