@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     inst.add_argument("--eval-base", required=True)
     inst.add_argument("--eval-sdsat", required=True)
     inst.add_argument("--script", default="scripts/build-embedded-model")
+    inst.add_argument("--trained-on", help="where the training ran, when not on this machine (hardware, torch and "
+                      "transformers versions)")
     args = p.parse_args(argv)
 
     import torch
@@ -142,6 +144,8 @@ def main(argv=None) -> int:
         "eval_sdsat": _eval_summary(Path(args.eval_sdsat)),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
+    if args.trained_on:
+        manifest["trained_on"] = args.trained_on
     target = install_embedded(Path(args.model_dir), manifest)
     print(f"installed {args.model_dir} as {target}")
     return 0

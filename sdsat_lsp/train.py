@@ -248,6 +248,7 @@ def add_arguments(p) -> None:
     p.add_argument("--targets", choices=["data", "greedy"], default="data",
                    help="what a block learns: the file's next tokens, or the model's own greedy continuation (self-distillation: higher acceptance)")
     p.add_argument("--lr", type=float, default=None, help="default 3e-3 from scratch, 5e-4 for lora")
+    p.add_argument("--warmup", type=int, help="learning-rate warm-up steps (default: min(100, steps / 10 + 1))")
     p.add_argument("--adaptive-weight", type=float, default=1.0, help="loss = real + w * adaptive")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=200)
@@ -411,7 +412,7 @@ def run_training(args) -> dict:
         model = _wrap_lora(model, adaptive_ids, args.lora_rank)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-    warmup = min(100, args.steps // 10 + 1)
+    warmup = args.warmup or min(100, args.steps // 10 + 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
     rng = random.Random(args.seed)
@@ -481,7 +482,8 @@ def run_training(args) -> dict:
     report.update(files_hash=data["files_hash"], held_out_files=len(data["held_files"]), train_tokens=len(stream),
                   held_tokens=len(held), steps=args.steps, seed=args.seed, peft=peft_mode, lr=lr,
                   loss_mix=f"real + {args.adaptive_weight} * adaptive", adaptive_ids=adaptive_ids,
-                  block_targets=args.targets, blocks_per_row=args.blocks_per_row)
+                  block_targets=args.targets, blocks_per_row=args.blocks_per_row, warmup=warmup,
+                  time_budget=args.time_budget)
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
