@@ -113,3 +113,23 @@ def test_resume_after_a_stop_equals_one_uninterrupted_run(tmp_path, small_source
     assert "random" in straight["before"]["note"]
     assert straight["after"]["heldout_real_loss"] < math.log(320) - 0.1
     assert set(straight["after"]["mean_accepted_by_k"]) == {1, 2, 3}
+
+
+def test_time_budget_lowers_the_step_count_and_a_resume_keeps_it(tmp_path, small_source):
+    """--time-budget: a run asked for far more steps than the budget affords stops near the budget,
+    the report records the steps it ran, the log shows the held-out curve, and a resume does not
+    go back to the step count on the command line."""
+    import json
+    import time
+
+    out = tmp_path / "budget"
+    started = time.perf_counter()
+    run_training(_args(out, small_source, steps=100_000, time_budget=4, stop_after=60, checkpoint_every=10))
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert 25 < checkpoint["steps"] < 100_000
+    report = run_training(_args(out, small_source, steps=100_000, time_budget=4, checkpoint_every=10))
+    assert report["steps"] == checkpoint["steps"] and report["time_budget"] == 4
+    assert time.perf_counter() - started < 120
+    curve = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert curve[-1]["step"] == report["steps"]
+    assert all(math.isfinite(entry["heldout_real_8"]) for entry in curve)
