@@ -378,6 +378,11 @@ def _save_checkpoint(path: Path, model, opt, sched, step: int, rng: random.Rando
 def run_training(args) -> dict:
     from tqdm import tqdm
 
+    from .errors import SdsatError
+
+    for flag, value in (("--steps", args.steps), ("--time-budget", args.time_budget), ("--warmup", args.warmup)):
+        if value is not None and value <= 0:
+            raise SdsatError(f"{flag} must be positive (got {value})")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -387,8 +392,6 @@ def run_training(args) -> dict:
     model, tokenizer, adaptive_ids = _new_model(args, out) if from_scratch else _pretrained_model(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
-        from .errors import SdsatError
-
         raise SdsatError("--device cuda was asked for, but this machine has no CUDA GPU (torch.cuda.is_available() is False)")
     model.to(device)
     if device.startswith("cuda"):  # TF32 matmuls: several times fp32's speed, plenty for training

@@ -133,3 +133,12 @@ def test_time_budget_lowers_the_step_count_and_a_resume_keeps_it(tmp_path, small
     curve = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert curve[-1]["step"] == report["steps"]
     assert all(math.isfinite(entry["heldout_real_8"]) for entry in curve)
+
+
+@pytest.mark.parametrize("flag", ["steps", "time_budget", "warmup"])
+def test_non_positive_step_settings_are_refused_before_any_work(tmp_path, small_source, flag):
+    from sdsat_lsp.errors import SdsatError
+
+    with pytest.raises(SdsatError, match=flag.replace("_", "-")):
+        run_training(_args(tmp_path / "bad", small_source, **{flag: 0}))
+    assert not (tmp_path / "bad").exists()
