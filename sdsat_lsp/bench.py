@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from .decoding import LOOKUP_NGRAM
 from .errors import SdsatError
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 SDSAT_MODES = ("two-pass", "fused", "fused+lookup")
 # Bench mode -> (engine mode, n-gram size for context-lookup drafts). "fused+lookup" drafts from the
 # context when the last tokens occurred there before and from the adaptive tokens otherwise.
-ENGINE_MODES = {"ar": ("ar", 0), "two-pass": ("two-pass", 0), "fused": ("fused", 0), "fused+lookup": ("fused", 3)}
+ENGINE_MODES = {"ar": ("ar", 0), "two-pass": ("two-pass", 0), "fused": ("fused", 0), "fused+lookup": ("fused", LOOKUP_NGRAM)}
 
 
 def _int_list(text: str) -> list[int]:

@@ -36,10 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .decoding import DRAFT_LENGTHS, LOOKUP_TOKENS, MODES
 from .errors import SdsatError
-
-MODES = ("ar", "two-pass", "fused")
-DRAFT_LENGTHS = ("adaptive", "fixed")
 
 
 @dataclass
@@ -367,7 +365,7 @@ def generate(
     first_token_ids: Sequence[int] | None = None,
     draft_length: str = "adaptive",
     lookup_ngram: int = 0,
-    lookup_tokens: int = 8,
+    lookup_tokens: int = LOOKUP_TOKENS,
 ) -> Generation:
     """Decode after `prompt_ids`.
 

@@ -47,6 +47,8 @@ from pygls.exceptions import JsonRpcException, JsonRpcInternalError, JsonRpcInva
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 
+from .decoding import DRAFT_LENGTHS, LOOKUP_NGRAM
+from .decoding import MODES as DECODING_MODES
 from .document import Document, DocumentWorkspace
 from .errors import SdsatError
 from .healing import heal, healed_decoder
@@ -60,8 +62,6 @@ STATUS = "sdsat/status"
 STATS = "sdsat/stats"
 CONFIG_SECTION = "sdsat"  # the settings section pulled with workspace/configuration
 CONFIG_PULL_TIMEOUT_S = 2.0
-DECODING_MODES = ("fused", "two-pass", "ar")
-DRAFT_LENGTHS = ("adaptive", "fixed")  # engine.DRAFT_LENGTHS (the engine imports torch; this module must not)
 RELOAD_KEYS = ("model", "quantize", "device", "dtype", "threads")  # changing these reloads the model
 
 
@@ -82,7 +82,7 @@ class Settings:
     k: int = 0  # adaptive tokens per draft block; 0 = the model card's
     mode: str = "fused"  # SDSAT decoding: fused | two-pass | ar (plain greedy)
     draft_length: str = "adaptive"  # adaptive | fixed (always k drafts; see engine.generate)
-    lookup_ngram: int = 3  # draft from the context when the last n tokens occurred before; 0 = off
+    lookup_ngram: int = LOOKUP_NGRAM  # draft from the context when the last n tokens occurred before; 0 = off
     max_tokens: int = 64  # new tokens per completion
     time_budget_ms: int = 400  # past this, stop at the next newline; 0 = no budget
     line_mode: str = "auto"  # auto | single | multi
@@ -511,6 +511,8 @@ def request_prompt(loaded, s: Settings, text: str, offset: int, keep: str | None
 def load_blocking(settings: Settings, report) -> tuple[Any, KVCacheStore]:
     """On the worker: import torch/transformers, load the model, build its cache store, warm up."""
     report("importing torch", 5)
+    if os.environ.get("SDSAT_LSP_TEST_LOAD_DELAY_S"):  # tests that must meet a server still loading
+        time.sleep(float(os.environ["SDSAT_LSP_TEST_LOAD_DELAY_S"]))
     started = time.perf_counter()
     import torch
 

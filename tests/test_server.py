@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import concurrent.futures
 import json
+import os
 import sys
 import time
 
@@ -67,9 +68,10 @@ class Session:
 
     @classmethod
     async def start(cls, options: dict, caps: types.ClientCapabilities, wait: bool = True,
-                    configuration: dict | None = None) -> Session:
-        """`configuration`: the "sdsat" section this client serves to workspace/configuration."""
-        client = await ClientServerConfig(server_command=SERVER).start()
+                    configuration: dict | None = None, env: dict | None = None) -> Session:
+        """`configuration`: the "sdsat" section this client serves to workspace/configuration;
+        `env`: added to the server's environment."""
+        client = await ClientServerConfig(server_command=SERVER, server_env={**os.environ, **(env or {})}).start()
         statuses: list[dict] = []
         if configuration is not None:
             client.set_configuration(configuration, section="sdsat")
@@ -470,7 +472,10 @@ async def test_bad_input_never_crashes_or_hangs(main_server):
 async def test_load_utf8_and_completion_fallback(tiny_model_dir, reference):
     session = await Session.start({"model": str(tiny_model_dir), **BASE_OPTIONS},
                                   capabilities(inline=False, encodings=["utf-8", "utf-16"], pull=True), wait=False,
-                                  configuration={"maxSuffixTokens": 33})
+                                  configuration={"maxSuffixTokens": 33},
+                                  # torch can import in a second from a warm page cache: hold the load
+                                  # long enough that the first request surely meets a loading server.
+                                  env={"SDSAT_LSP_TEST_LOAD_DELAY_S": "3"})
     try:
         caps = session.init_result.capabilities
         assert caps.position_encoding == types.PositionEncodingKind.Utf8
