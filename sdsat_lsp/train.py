@@ -366,12 +366,14 @@ def _evaluate(model, held: torch.Tensor, adaptive_ids: list[int], args) -> dict:
     return result
 
 
-def _save_checkpoint(path: Path, model, opt, sched, step: int, rng: random.Random, steps: int) -> None:
+def _save_checkpoint(path: Path, model, opt, sched, step: int, rng: random.Random, steps: int,
+                     budget_settled: bool) -> None:
     tmp = path.with_suffix(".tmp")
     trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     # Optimizer state stays on the training device; torch.load(map_location=...) brings it back.
-    torch.save({"step": step, "steps": steps, "trainable": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
+    torch.save({"step": step, "steps": steps, "budget_settled": budget_settled, "trainable": trainable,
+                "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state()}, tmp)
     tmp.replace(path)  # atomic: a kill mid-save leaves the previous checkpoint intact
 
 
@@ -421,6 +423,7 @@ def run_training(args) -> dict:
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
     start_step = 0
+    budget_settled = not args.time_budget  # once the budget has set the step count, it stays
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False, map_location=device)
@@ -434,6 +437,7 @@ def run_training(args) -> dict:
         torch.set_rng_state(state["torch_rng"].cpu())
         start_step = state["step"]
         args.steps = state.get("steps", args.steps)
+        budget_settled = budget_settled or state.get("budget_settled", False)
         log.info("resumed from step %d of %d", start_step, args.steps)
 
     stream = train_stream.tolist()
@@ -445,12 +449,13 @@ def run_training(args) -> dict:
     while step < args.steps:
         if args.stop_after and step >= start_step + args.stop_after:
             bar.close()
-            _save_checkpoint(ckpt, model, opt, sched, step, rng, args.steps)
+            _save_checkpoint(ckpt, model, opt, sched, step, rng, args.steps, budget_settled)
             log.info("stopped after step %d of %d; run the same command again to resume", step, args.steps)
             return report
-        if args.time_budget and step == budget_from:
+        if not budget_settled and step == budget_from:
             budget_started = time.perf_counter()
-        if args.time_budget and step == budget_from + 20 and start_step == 0:
+        if not budget_settled and step == budget_from + 20:
+            budget_settled = True
             per_step = (time.perf_counter() - budget_started) / 20
             affordable = step + int((args.time_budget - (time.perf_counter() - started)) / per_step)
             if affordable < args.steps:
@@ -466,7 +471,7 @@ def run_training(args) -> dict:
         bar.set_postfix(real=f"{real.item():.3f}", adaptive=f"{adaptive.item():.3f}",
                         tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
         if step % args.checkpoint_every == 0 or step == args.steps:
-            _save_checkpoint(ckpt, model, opt, sched, step, rng, args.steps)
+            _save_checkpoint(ckpt, model, opt, sched, step, rng, args.steps, budget_settled)
             if peft_mode == "none":  # a usable snapshot at every checkpoint (long runs end without warning)
                 _save_final(model, tokenizer, adaptive_ids, args, out / "snapshot", peft_mode)
             # A few held-out windows show when more steps stop helping (over-fitting a small corpus).
