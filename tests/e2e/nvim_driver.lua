@@ -39,14 +39,15 @@ api.nvim_create_autocmd('User', {
 })
 
 -- The statusline text as a user would see it over time (it changes on progress too).
-local poll = vim.uv.new_timer()
-poll:start(0, 50, vim.schedule_wrap(function()
+local function record_status()
   local ok, sdsat = pcall(require, 'sdsat')
   local text = ok and sdsat.status() or ''
   if out.statuses[#out.statuses] ~= text then
     out.statuses[#out.statuses + 1] = text
   end
-end))
+end
+local poll = vim.uv.new_timer()
+poll:start(0, 50, vim.schedule_wrap(record_status))
 
 local finished = false
 local function finish(err)
@@ -54,6 +55,7 @@ local function finish(err)
     return
   end
   finished = true
+  record_status() -- the poll may not have run since the last change
   out.error = err
   out.seconds = now()
   local f = assert(io.open(cfg.result, 'w'))
