@@ -436,8 +436,10 @@ def run_training(args) -> dict:
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"].cpu())
         start_step = state["step"]
-        args.steps = state.get("steps", args.steps)
-        budget_settled = budget_settled or state.get("budget_settled", False)
+        if args.time_budget and state.get("budget_settled"):
+            # The budget's count rules over --steps (an upper bound then); without a budget, --steps
+            # rules, so a finished schedule can be stretched by resuming with more steps.
+            args.steps, budget_settled = state["steps"], True
         log.info("resumed from step %d of %d", start_step, args.steps)
 
     stream = train_stream.tolist()

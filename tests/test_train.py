@@ -3,6 +3,7 @@ rises clearly) without touching what real tokens see, and `sdsat-lsp train` resu
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from types import SimpleNamespace
@@ -119,7 +120,6 @@ def test_time_budget_lowers_the_step_count_and_a_resume_keeps_it(tmp_path, small
     """--time-budget: a run asked for far more steps than the budget affords stops near the budget,
     the report records the steps it ran, the log shows the held-out curve, and a resume does not
     go back to the step count on the command line."""
-    import json
     import time
 
     out = tmp_path / "budget"
@@ -146,3 +146,12 @@ def test_non_positive_step_settings_are_refused_before_any_work(tmp_path, small_
     with pytest.raises(SdsatError, match=flag.replace("_", "-")):
         run_training(_args(tmp_path / "bad", small_source, **{flag: 0}))
     assert not (tmp_path / "bad").exists()
+
+
+def test_without_a_budget_a_resume_follows_the_command_lines_steps(tmp_path, small_source):
+    """A schedule can be stretched: resuming with more --steps trains to the new count."""
+    out = tmp_path / "stretch"
+    run_training(_args(out, small_source, stop_after=3))  # --steps 6
+    report = run_training(_args(out, small_source, steps=8))
+    assert report["steps"] == 8
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 8
