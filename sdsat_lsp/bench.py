@@ -19,10 +19,12 @@ from .errors import SdsatError
 
 log = logging.getLogger(__name__)
 
-SDSAT_MODES = ("two-pass", "fused", "fused+lookup")
-# Bench mode -> (engine mode, n-gram size for context-lookup drafts). "fused+lookup" drafts from the
-# context when the last tokens occurred there before and from the adaptive tokens otherwise.
-ENGINE_MODES = {"ar": ("ar", 0), "two-pass": ("two-pass", 0), "fused": ("fused", 0), "fused+lookup": ("fused", LOOKUP_NGRAM)}
+SDSAT_MODES = ("two-pass", "fused", "fused+lookup", "fused+store")
+# Bench mode -> (engine mode, n-gram size for context-lookup drafts, whether the draft store drafts).
+# "fused+lookup" drafts from the context when the last tokens occurred there before and from the
+# adaptive tokens otherwise; "fused+store" tries the draft store (retrieval) between the two.
+ENGINE_MODES = {"ar": ("ar", 0, False), "two-pass": ("two-pass", 0, False), "fused": ("fused", 0, False),
+                "fused+lookup": ("fused", LOOKUP_NGRAM, False), "fused+store": ("fused", LOOKUP_NGRAM, True)}
 
 
 def _int_list(text: str) -> list[int]:
@@ -47,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--draft-length", default="adaptive", choices=("adaptive", "fixed"),
                    help="adaptive: between 1 and k drafts, following acceptance (default); fixed: always k")
+    p.add_argument("--draft-store", default="auto", metavar="auto|stdlib|none|DIR",
+                   help="the code that the fused+store mode retrieves drafts from: the standard library's training "
+                   "files (never the held-out ones the default prompts come from), none (skip the mode), or the "
+                   "Python files under DIR; built once and cached. auto (default): the model card's choice (the "
+                   "embedded model's: stdlib), else none")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() comparison")
     p.add_argument("--json", dest="json_path", help="write the results here")
     p.add_argument("--editor-session", metavar="FILE",
@@ -62,12 +69,13 @@ def _median(values: list[float]) -> float:
 
 
 def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[int], max_new_tokens: int,
-              with_hf: bool = True, progress=None, draft_length: str = "adaptive") -> dict:
+              with_hf: bool = True, progress=None, draft_length: str = "adaptive", draft_store=None) -> dict:
     """Decode every prompt with every mode; return the figures (see `main` for the keys)."""
     from .engine import generate
 
     model = loaded.model
-    modes = ("ar",) + SDSAT_MODES
+    sdsat_modes = tuple(m for m in SDSAT_MODES if draft_store is not None or not ENGINE_MODES[m][2])
+    modes = ("ar",) + sdsat_modes
     runs: dict[str, list] = {m: [] for m in modes}
     hf_runs: dict[str, list] = {"hf-greedy": [], "hf-prompt-lookup": []}
     eos = model.config.eos_token_id
@@ -75,9 +83,10 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
 
     # Warm-up: first passes pay for allocator growth and lazy initialisation.
     def run(mode: str, prompt: list[int], new_tokens: int):
-        engine_mode, ngram = ENGINE_MODES[mode]
+        engine_mode, ngram, use_store = ENGINE_MODES[mode]
         return generate(model, prompt, mode=engine_mode, k=k, adaptive_ids=adaptive_ids, max_new_tokens=new_tokens,
-                        eos_ids=eos_ids, draft_length=draft_length, lookup_ngram=ngram)
+                        eos_ids=eos_ids, draft_length=draft_length, lookup_ngram=ngram,
+                        draft_store=draft_store if use_store else None)
 
     for mode in modes:
         run(mode, prompts[0][:32], 8)
@@ -109,9 +118,12 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
             "forward_passes": passes,
             "tokens_per_pass": round(new_tokens / passes, 4) if passes else 0.0,
             "mean_accepted": round(sum(g.stats.drafts_accepted for g in gens) / verify, 4) if verify else 0.0,
-            "mean_accepted_adaptive": _ratio(sum(g.stats.drafts_accepted - g.stats.lookup_accepted for g in gens),
-                                             sum(g.stats.verify_passes - g.stats.lookup_passes for g in gens)),
+            "mean_accepted_adaptive": _ratio(
+                sum(g.stats.drafts_accepted - g.stats.lookup_accepted - g.stats.store_accepted for g in gens),
+                sum(g.stats.verify_passes - g.stats.lookup_passes - g.stats.store_passes for g in gens)),
             "lookup_passes": sum(g.stats.lookup_passes for g in gens),
+            "store_passes": sum(g.stats.store_passes for g in gens),
+            "mean_accepted_store": _ratio(sum(g.stats.store_accepted for g in gens), sum(g.stats.store_passes for g in gens)),
             "tokens_fed_per_pass": _ratio(sum(g.stats.tokens_fed - g.stats.prefill_tokens for g in gens), passes),
             "speedup": round(_median([a.stats.wall_ms / g.stats.wall_ms for g, a in zip(gens, ar)]), 4),
             "median_ms": round(_median([g.stats.wall_ms for g in gens]), 2),
@@ -130,9 +142,9 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
             "speedup": round(_median([a.stats.wall_ms / o[1] for o, a in zip(outs, ar)]), 4),
             "median_ms": round(_median([o[1] for o in outs]), 2),
         }
-    best = max(SDSAT_MODES, key=lambda m: result["modes"][m]["speedup"])
+    best = max(sdsat_modes, key=lambda m: result["modes"][m]["speedup"])
     result.update(
-        identical=all(result["modes"][m]["identical"] for m in SDSAT_MODES),
+        identical=all(result["modes"][m]["identical"] for m in sdsat_modes),
         best_mode=best,
         speedup=result["modes"][best]["speedup"],
         tokens_per_pass=result["modes"][best]["tokens_per_pass"],
@@ -188,6 +200,17 @@ def _editor_session(args) -> int:
     return 0
 
 
+def _draft_store(choice: str, loaded):
+    from .draftstore import open_store
+
+    if choice == "auto":
+        choice = loaded.card.draft_store or "none"
+    if choice in ("none", "off"):
+        return None
+    return open_store(choice, loaded.tokenizer, loaded.model.get_input_embeddings().weight.shape[0],
+                      progress=lambda message: print(message, file=sys.stderr, flush=True))
+
+
 def main(args) -> int:
     from .corpus import cut_prompts, split_files
     from .embedded import resolve_model
@@ -221,12 +244,14 @@ def main(args) -> int:
 
     print(f"model {loaded.ref} ({loaded.quantize}, {loaded.dtype}, {loaded.device}); k={k}; "
           f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each", file=sys.stderr)
+    store = _draft_store(args.draft_store, loaded)
     result = run_bench(loaded, prompts, k=k, adaptive_ids=list(adaptive_ids), max_new_tokens=args.max_new_tokens,
-                       with_hf=not args.no_hf, progress=progress, draft_length=args.draft_length)
+                       with_hf=not args.no_hf, progress=progress, draft_length=args.draft_length, draft_store=store)
     print(file=sys.stderr)
     result.update(k=k, adaptive_ids=list(adaptive_ids), model=str(loaded.ref), device=loaded.device,
                   quantize=loaded.quantize, dtype=loaded.dtype, prompts=len(prompts), max_new_tokens=args.max_new_tokens,
-                  source=args.source or "stdlib-held-out", draft_length=args.draft_length)
+                  source=args.source or "stdlib-held-out", draft_length=args.draft_length,
+                  draft_store=store.source if store is not None else "none", draft_store_tokens=len(store) if store is not None else 0)
     print(format_table(result))
     print(f"identical: {result['identical']}  speedup ({result['best_mode']}): {result['speedup']:.2f}x  "
           f"tokens/pass: {result['tokens_per_pass']:.2f}  mean accepted: {result['mean_accepted']:.2f} "

@@ -46,7 +46,15 @@ def _stress_parser(sub) -> None:
     p.set_defaults(run=stress.main)
 
 
-TOOLS = ("bench", "train", "eval", "stress")
+def _draft_store_parser(sub) -> None:
+    p = sub.add_parser("draft-store", help="build a model's draft store (retrieval drafts) ahead of time; cached")
+    from . import draftstore
+
+    draftstore.add_arguments(p)
+    p.set_defaults(run=draftstore.main)
+
+
+TOOLS = ("bench", "train", "eval", "stress", "draft-store")
 
 
 def build_parser(tools: bool = True) -> argparse.ArgumentParser:
@@ -65,6 +73,7 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
         _train_parser(sub)
         _eval_parser(sub)
         _stress_parser(sub)
+        _draft_store_parser(sub)
     return parser
 
 

@@ -64,9 +64,10 @@ MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json", "to
                "special_tokens_map.json", "sdsat.json")
 
 
-def install_embedded(model_dir: Path, manifest: dict, target: Path = EMBEDDED_DIR) -> Path:
+def install_embedded(model_dir: Path, manifest: dict, target: Path = EMBEDDED_DIR, draft_store: str = "stdlib") -> Path:
     """Copy `model_dir`'s weights, tokenizer and card into `target` with `manifest.json` (how the
-    model was made), replacing what was there in one rename."""
+    model was made), replacing what was there in one rename. The card gains `draft_store`: the
+    embedded model's adaptive tokens draft worse than its own training code does (see draftstore.py)."""
     import hashlib
     import json
     import shutil
@@ -78,6 +79,9 @@ def install_embedded(model_dir: Path, manifest: dict, target: Path = EMBEDDED_DI
     for name in MODEL_FILES:
         if (model_dir / name).exists():
             shutil.copy2(model_dir / name, tmp / name)
+    card = tmp / "sdsat.json"
+    if card.exists():
+        card.write_text(json.dumps({**json.loads(card.read_text()), "draft_store": draft_store}, indent=2) + "\n")
     weights = tmp / "model.safetensors"
     manifest = dict(manifest, sha256={name.name: hashlib.sha256(name.read_bytes()).hexdigest()
                                       for name in sorted(tmp.iterdir())})

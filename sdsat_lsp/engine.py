@@ -33,6 +33,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -65,6 +66,8 @@ class DecodeStats:
     verify_passes: int = 0  # passes that checked at least one draft
     lookup_passes: int = 0  # of those, passes whose drafts came from the context (lookup_ngram)
     lookup_accepted: int = 0
+    store_passes: int = 0  # passes whose drafts came from the draft store (retrieval)
+    store_accepted: int = 0
     new_tokens: int = 0
     prefill_ms: float = 0.0
     wall_ms: float = 0.0
@@ -79,8 +82,8 @@ class DecodeStats:
     @property
     def mean_accepted_adaptive(self) -> float:
         """Accepted drafts per verifying pass whose drafts came from the adaptive tokens."""
-        passes = self.verify_passes - self.lookup_passes
-        return (self.drafts_accepted - self.lookup_accepted) / passes if passes else 0.0
+        passes = self.verify_passes - self.lookup_passes - self.store_passes
+        return (self.drafts_accepted - self.lookup_accepted - self.store_accepted) / passes if passes else 0.0
 
     @property
     def tokens_per_pass(self) -> float:
@@ -202,6 +205,16 @@ def accept_draft(probs: torch.Tensor, draft: int, generator: torch.Generator | N
 
 
 AcceptRule = Callable[[torch.Tensor, int, "torch.Generator | None"], "int | None"]
+
+
+class DraftSource(Protocol):
+    """Proposes up to `limit` tokens to follow `context` (its tail; see `STORE_CONTEXT`)."""
+
+    def follow(self, context: Sequence[int], limit: int) -> list[int]: ...
+
+
+# The tokens of context a draft store is given: more than any store matches on (draftstore: 4).
+STORE_CONTEXT = 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,6 +379,7 @@ def generate(
     draft_length: str = "adaptive",
     lookup_ngram: int = 0,
     lookup_tokens: int = LOOKUP_TOKENS,
+    draft_store: DraftSource | None = None,
 ) -> Generation:
     """Decode after `prompt_ids`.
 
@@ -385,7 +399,11 @@ def generate(
     differs. `lookup_ngram` > 0 (SDSAT modes only): when the last `lookup_ngram` tokens occurred
     before in the prompt or the output, up to `lookup_tokens` tokens that followed them there are
     the draft instead of the adaptive tokens' (prompt-lookup decoding: code repeats itself); the
-    adaptive draft is used otherwise. Stats count the two kinds apart.
+    adaptive draft is used otherwise. `draft_store` (SDSAT modes only; see `draftstore.py`): when
+    the context has no draft, up to `lookup_tokens` tokens retrieved from a body of code are the
+    draft. A store has a draft nearly always, so a pass whose draft was retrieved (from the store or
+    the context) carries no adaptive blocks when there is a store: they would almost never be read.
+    A pass that found nothing to retrieve carries them as before. Stats count the kinds apart.
     """
     from transformers import DynamicCache
 
@@ -460,6 +478,7 @@ def generate(
     # The sequence whose KV the cache holds: prompt, then emitted tokens except the newest (y).
     seq = list(prompt_ids)
     lookup = NgramIndex(lookup_ngram, prompt_ids) if lookup_ngram > 0 and block else None
+    store = draft_store if block else None
 
     while not done:
         if cancel is not None and cancel():
@@ -468,8 +487,12 @@ def generate(
         base = len(seq)  # position of y; the stopper's length limit keeps it inside the context
         looked_up = lookup.follow(y, lookup_tokens) if lookup is not None else []
         from_lookup = bool(looked_up)
+        retrieved = [] if from_lookup or store is None else store.follow(seq[-STORE_CONTEXT:] + [y], lookup_tokens)
+        from_store = bool(retrieved)
         if from_lookup:
             drafts = looked_up
+        elif from_store:
+            drafts = retrieved
         drafts = drafts[: max(0, ctx - base - 1)]
         verify = [y] + drafts
         if mode == "ar":
@@ -480,6 +503,9 @@ def generate(
             blocks = list(range(len(drafts) + 1))
             if draft_length == "adaptive":
                 blocks = blocks[:3] + blocks[3:][-1:]
+            if store is not None and (from_lookup or from_store):
+                # Measured (bench, embedded model): 1.53x without these blocks, 1.41x with them.
+                blocks = []
         ids = list(verify)
         positions = list(range(base, base + len(verify)))
         pass_block = block[:draft_len]
@@ -514,6 +540,9 @@ def generate(
             if from_lookup:
                 stats.lookup_passes += 1
                 stats.lookup_accepted += accepted
+            elif from_store:
+                stats.store_passes += 1
+                stats.store_accepted += accepted
         next_y = correction if correction is not None else pick(logits[accepted])
         if accepted in blocks:
             row = len(verify) + blocks.index(accepted) * len(pass_block)
@@ -521,7 +550,7 @@ def generate(
             next_drafts = [int(t) for t in torch.argmax(block_logits, dim=-1).tolist()]
         else:
             next_drafts = []
-        if drafts and draft_length == "adaptive" and not from_lookup:
+        if drafts and draft_length == "adaptive" and not (from_lookup or from_store):
             draft_len = min(len(block), draft_len + 1) if accepted == len(drafts) else max(1, draft_len - 1)
             next_drafts = next_drafts[:draft_len]
         crop_to(base + 1 + accepted)

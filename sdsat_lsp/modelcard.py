@@ -23,6 +23,10 @@ class ModelCard:
     # FIM token ids by role ("prefix", "middle", "suffix"); empty when the model cannot infill.
     fim: dict[str, int] = field(default_factory=dict)
     context_length: int | None = None
+    # Where the server retrieves drafts from by default ("stdlib", a folder, or None: nowhere). For
+    # a model whose adaptive tokens are weak (the embedded one) retrieval drafts better than they
+    # do; for the released checkpoints the adaptive tokens are the better drafts.
+    draft_store: str | None = None
 
 
 # CodeLlama's unused id 32011 stands for every adaptive slot in the released SDSAT checkpoints;
@@ -54,6 +58,7 @@ def read_model_card(model_ref: str | Path) -> ModelCard | None:
                 k=int(data.get("k", 5)),
                 fim={str(k): int(v) for k, v in (data.get("fim") or {}).items()},
                 context_length=data.get("context_length"),
+                draft_store=data.get("draft_store"),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise SdsatError(f"{path} is not a valid SDSAT model card: {exc}") from exc

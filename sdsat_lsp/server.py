@@ -26,6 +26,7 @@ This module and `document.py` (the document store) are the only ones that import
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import itertools
 import json
@@ -37,7 +38,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 from urllib.parse import unquote
@@ -83,6 +84,7 @@ class Settings:
     mode: str = "fused"  # SDSAT decoding: fused | two-pass | ar (plain greedy)
     draft_length: str = "adaptive"  # adaptive | fixed (always k drafts; see engine.generate)
     lookup_ngram: int = LOOKUP_NGRAM  # draft from the context when the last n tokens occurred before; 0 = off
+    draft_store: str = "auto"  # retrieve drafts from: auto (the model card's choice) | off | stdlib | a folder
     max_tokens: int = 64  # new tokens per completion
     time_budget_ms: int = 400  # past this, stop at the next newline; 0 = no budget
     line_mode: str = "auto"  # auto | single | multi
@@ -249,6 +251,7 @@ class SdsatServer(LanguageServer):
         self.loaded = None  # model.LoadedModel once ready
         self.store: KVCacheStore | None = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdsat-infer")
+        self.store_builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdsat-draftstore")
         self.jobs: dict[str, Job] = {}  # the newest job per document
         self.window_heads: dict[str, str] = {}  # per document: where its prompt window starts
         self.recent: deque[dict] = deque(maxlen=256)
@@ -256,6 +259,10 @@ class SdsatServer(LanguageServer):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.load_task: asyncio.Task | None = None
         self.startup: dict[str, Any] = {}  # when initialize was answered, whether torch was in yet
+        self.draft_store = None  # draftstore.DraftStore once built for the loaded model
+        self.draft_store_info: dict[str, Any] = {"state": "off"}
+        self.draft_store_builds = itertools.count(1)
+        self.draft_store_build = 0  # the build whose result is wanted; older ones are dropped
 
     # -- notifications to the client (always from the event loop thread) --------------------------
 
@@ -291,6 +298,8 @@ class SdsatServer(LanguageServer):
                     self.store.clear()
         if self.state != "starting" and any(getattr(old, k) != getattr(new, k) for k in RELOAD_KEYS):
             self.start_loading()
+        elif self.loaded is not None and old.draft_store != new.draft_store:
+            self.start_draft_store()
 
     def supports_configuration_pull(self) -> bool:
         workspace = self.client_capabilities.workspace
@@ -333,6 +342,7 @@ class SdsatServer(LanguageServer):
         settings = self.settings
         what = settings.model or "the default model"
         self.loaded, self.store = None, None
+        self.draft_store, self.draft_store_info, self.draft_store_build = None, {"state": "off"}, 0
         self.set_state("loading", f"loading {what}")
         self.log_to_client(f"sdsat-lsp: loading {what} (torch and transformers import first)")
         token = None
@@ -376,6 +386,49 @@ class SdsatServer(LanguageServer):
                    f"k={loaded.card.k}, loaded in {loaded.load_ms:.0f} ms")
         self.log_to_client(f"sdsat-lsp: {message}")
         self.set_state("ready", message)
+        self.start_draft_store()
+
+    def start_draft_store(self) -> None:
+        """Open the draft store the settings (or the model card) ask for, beside the worker: the
+        first build tokenizes its corpus (the standard library: about half a minute, then cached),
+        and completions go on without retrieval drafts meanwhile."""
+        from .draftstore import open_store
+
+        loaded = self.loaded
+        choice = self.settings.draft_store
+        if choice == "auto":
+            choice = loaded.card.draft_store or "off"
+        build = self.draft_store_build = next(self.draft_store_builds)
+        self.draft_store = None
+        if choice == "off" or loaded.card.adaptive_ids == []:  # a model without SDSAT decodes plainly
+            self.draft_store_info = {"state": "off"}
+            return
+        self.draft_store_info = {"state": "building", "source": choice}
+        # A copy: one fast tokenizer used from two threads at once can fail ("Already borrowed").
+        tokenizer = copy.deepcopy(loaded.tokenizer)
+        vocab = loaded.model.get_input_embeddings().weight.shape[0]
+
+        def done(future: Future) -> None:
+            if build != self.draft_store_build:
+                return  # superseded by a newer setting or model
+            try:
+                store = future.result()
+            except SdsatError as exc:
+                self.draft_store_info = {"state": "error", "source": choice, "message": str(exc)}
+                self.warn_user(str(exc))
+                return
+            except Exception as exc:  # a bug: completions still work without the store
+                log.exception("building the draft store failed")
+                self.draft_store_info = {"state": "error", "source": choice, "message": f"{type(exc).__name__}: {exc}"}
+                self.warn_user(f"building the draft store failed: {type(exc).__name__}: {exc}")
+                return
+            self.draft_store = store
+            self.draft_store_info = {"state": "ready", "source": choice, "tokens": len(store)}
+            self.log_to_client(f"sdsat-lsp: draft store {choice} ready ({len(store)} tokens)")
+
+        future = self.store_builder.submit(open_store, choice, tokenizer, vocab,
+                                           lambda message: self.from_worker(self.log_to_client, f"sdsat-lsp: {message}"))
+        future.add_done_callback(lambda f: self.from_worker(done, f))
 
     # -- completion -------------------------------------------------------------------------------
 
@@ -451,7 +504,7 @@ class SdsatServer(LanguageServer):
                 cache=lease.cache, cancel=job.cancel.is_set,
                 deadline=job.created + s.time_budget_ms / 1e3 if s.time_budget_ms else None,
                 first_token_ids=healing.first_token_ids if healing is not None else None,
-                draft_length=s.draft_length, lookup_ngram=s.lookup_ngram,
+                draft_length=s.draft_length, lookup_ngram=s.lookup_ngram, draft_store=self.draft_store,
             )
         except BaseException:
             store.discard(lease)  # its state is unknown
@@ -463,6 +516,7 @@ class SdsatServer(LanguageServer):
             cachedBefore=lease.cached_before, prefillMs=round(st.prefill_ms, 2),
             decodeMs=round(st.wall_ms - st.prefill_ms, 2), newTokens=st.new_tokens, forwardPasses=st.forward_passes,
             draftsAccepted=st.drafts_accepted, draftsVerified=st.drafts_verified, lookupAccepted=st.lookup_accepted,
+            storeAccepted=st.store_accepted, storePasses=st.store_passes,
             finishReason=gen.finish_reason,
             multiline=prompt.context.multiline, fim=prompt.fim, windowStart=prompt.prefix_start, mode=mode, k=k,
         )
@@ -489,6 +543,7 @@ class SdsatServer(LanguageServer):
             model = {"ref": lm.ref, "device": lm.device, "quantize": lm.quantize, "dtype": lm.dtype,
                      "k": lm.card.k, "fim": bool(lm.card.fim), "loadMs": round(lm.load_ms, 1)}
         return {"state": self.state, "message": self.state_message, "model": model, "cache": cache,
+                "draftStore": self.draft_store_info,
                 "settings": settings_to_wire(self.settings), "requests": requests, "startup": self.startup,
                 "positionEncoding": str(self.workspace.position_encoding) if self.protocol._workspace else None}
 
@@ -704,6 +759,7 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
         for job in list(ls.jobs.values()):
             job.cancel.set()
         ls.worker.shutdown(wait=False, cancel_futures=True)
+        ls.store_builder.shutdown(wait=False, cancel_futures=True)
 
     return server
 

@@ -45,7 +45,16 @@ def test_bench_source_folder(sdsat_micro_dir, tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", str(sdsat_micro_dir), "--quantize", "none", "--prompts", "2", "--max-new-tokens",
                  "8", "--source", str(src), "--no-hf", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["source"] == str(src)
+    result = json.loads(out.read_text())
+    assert result["source"] == str(src)
+    assert "fused+store" not in result["modes"] and result["draft_store"] == "none"  # the micro card names no store
+    # A store of the same folder: the mode appears, drafts from it are verified, the output is unchanged.
+    assert main(["bench", "--model", str(sdsat_micro_dir), "--quantize", "none", "--prompts", "2", "--max-new-tokens",
+                 "16", "--source", str(src), "--draft-store", str(src), "--no-hf", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    store_mode = result["modes"]["fused+store"]
+    assert result["identical"] and store_mode["identical"] and store_mode["store_passes"] > 0
+    assert result["draft_store"] == str(src) and result["draft_store_tokens"] > 400
 
 
 @pytest.mark.parametrize(

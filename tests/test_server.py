@@ -779,3 +779,48 @@ async def test_lines_break_only_where_lsp_says(main_server, reference, breaks):
             assert item.insert_text == expected.text and item.range.start == types.Position(line, column + 1)
     finally:
         main_server.close(uri)
+
+
+async def test_draft_store_builds_beside_the_worker_and_never_changes_answers(tiny_model_dir, reference, tmp_path):
+    """A folder as the draft store: built in the background, its drafts verified like any others
+    (answers equal plain greedy decoding); turned off, or pointed at nothing, the server goes on."""
+    folder = tmp_path / "code"
+    folder.mkdir()
+    (folder / "walk.py").write_text(DOC)
+    session = await Session.start({"model": str(tiny_model_dir), **BASE_OPTIONS, "draftStore": str(folder)}, capabilities(),
+                                  env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    uri = "file:///store.py"
+
+    async def store_state(state: str) -> dict:
+        deadline = time.perf_counter() + 60
+        while time.perf_counter() < deadline:
+            info = (await session.stats())["draftStore"]
+            if info["state"] == state:
+                return info
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"draft store never {state!r}: {info}")
+
+    try:
+        info = await store_state("ready")
+        assert info["source"] == str(folder) and info["tokens"] > 50
+        assert list((tmp_path / "cache" / "sdsat-lsp" / "draftstores").glob("*.npz"))  # cached for the next start
+        session.open(uri, DOC)
+        store_passes = 0
+        for line, column in ((15, 12), (6, 4), (3, 0)):
+            _, expected, _ = reference(DOC, offset_of(DOC, line, column))
+            result = await session.inline(uri, line, column)
+            assert [item.insert_text for item in result.items] == ([expected.text] if expected else [])
+            store_passes += (await session.last_request(uri))["storePasses"]
+        assert store_passes > 0
+        session.configure({"draftStore": "off"})
+        assert (await store_state("off")) == {"state": "off"}
+        await session.inline(uri, 15, 12)
+        assert (await session.last_request(uri))["storePasses"] == 0
+        shown = len(session.client.messages)
+        session.configure({"draftStore": str(tmp_path / "no-such-folder")})
+        assert "no such folder" in (await store_state("error"))["message"]
+        assert "no such folder" in session.client.messages[shown].message
+        _, expected, _ = reference(DOC, offset_of(DOC, 15, 12))
+        assert [item.insert_text for item in (await session.inline(uri, 15, 12)).items] == [expected.text]
+    finally:
+        await session.stop()

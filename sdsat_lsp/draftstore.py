@@ -1,0 +1,240 @@
+"""Retrieval drafts: what most often followed the last few tokens in a fixed body of code.
+
+REST (He et al., "Retrieval-Based Speculative Decoding", 2023) drafts from a datastore instead of
+a draft model. Here the store is a token corpus sorted by its first `max_ngram` tokens at every
+position, so the occurrences of an n-gram are one contiguous range found by binary search; the
+draft is the continuation most occurrences agree on, cut where they stop agreeing.
+Drafts are only proposals: the engine verifies them, so the output is the model's greedy output
+whatever the store holds.
+
+Kept free of torch (numpy only) so it can be built, saved and tested on its own. A store for the
+embedded model holds the standard-library files it was trained on (never the held-out ones), so
+that the bench measures retrieval on code the store has not seen either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SdsatError
+
+log = logging.getLogger(__name__)
+
+_KEY_BITS = 63  # packed n-grams stay non-negative int64
+_MAX_LIMIT = 64  # longest continuation one query may ask for (the padding after the corpus)
+STORE_VERSION = 1
+
+
+def _key_layout(vocab_size: int) -> tuple[int, int]:
+    """(bits per token, tokens per packed key); the padding id, vocab_size, needs a code too."""
+    bits = max(1, int(vocab_size).bit_length())
+    max_ngram = min(4, _KEY_BITS // bits)
+    if max_ngram < 2:
+        raise SdsatError(f"a vocabulary of {vocab_size} ids is too large for the draft store")
+    return bits, max_ngram
+
+
+def _padded(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The corpus followed by padding that reads as `vocab_size`, an id no query holds and no
+    draft continues into, so slices past the end need no bounds checks."""
+    return np.concatenate([tokens, np.full(_MAX_LIMIT + 4, vocab_size, np.int32)])
+
+
+def _packed_keys(padded: np.ndarray, length: int, bits: int, max_ngram: int) -> np.ndarray:
+    """Each position's next max_ngram tokens packed into one int64, first token highest."""
+    keys = np.zeros(length, dtype=np.int64)
+    for j in range(max_ngram):
+        keys = (keys << bits) | padded[j:j + length].astype(np.int64)
+    return keys
+
+
+class DraftStore:
+    """Continuations of n-grams (2..max_ngram tokens) in a fixed token corpus."""
+
+    def __init__(self, tokens: np.ndarray, order: np.ndarray, vocab_size: int):
+        self.vocab_size = int(vocab_size)
+        self.source = ""  # what the corpus is, for reports (open_store names it)
+        self._bits, self.max_ngram = _key_layout(self.vocab_size)
+        if len(order) != len(tokens):
+            raise SdsatError("draft store: the order does not match the corpus (a damaged file?)")
+        self.tokens = tokens.astype(np.int32, copy=False)
+        self.order = order.astype(np.int32 if len(tokens) < 2**31 else np.int64, copy=False)
+        self._padded = _padded(self.tokens, self.vocab_size)
+        self._sorted_keys = _packed_keys(self._padded, len(self.tokens), self._bits, self.max_ngram)[self.order]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def build(cls, tokens: Sequence[int] | np.ndarray, vocab_size: int) -> DraftStore:
+        tokens = np.asarray(tokens, dtype=np.int32)
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab_size):
+            raise SdsatError(f"draft store: token ids must lie in 0..{vocab_size - 1}")
+        bits, max_ngram = _key_layout(vocab_size)
+        keys = _packed_keys(_padded(tokens, vocab_size), len(tokens), bits, max_ngram)
+        return cls(tokens, np.argsort(keys, kind="stable"), vocab_size)  # stable: one corpus, one store
+
+    def save(self, path: str | Path) -> None:
+        """Written atomically: a killed build leaves no half-written store behind."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.npz")
+        np.savez(tmp, version=STORE_VERSION, tokens=self.tokens, order=self.order, vocab_size=self.vocab_size)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> DraftStore:
+        try:
+            with np.load(path) as data:
+                if int(data["version"]) != STORE_VERSION:
+                    raise SdsatError(f"draft store {path} has version {int(data['version'])}; expected {STORE_VERSION}")
+                return cls(data["tokens"], data["order"], int(data["vocab_size"]))
+        except (OSError, KeyError, ValueError) as e:
+            raise SdsatError(f"cannot read draft store {path}: {e}") from e
+
+    def occurrences(self, ngram: Sequence[int]) -> np.ndarray:
+        """Corpus positions where `ngram` (1..max_ngram tokens) starts, ordered by the tokens after
+        it (then by position)."""
+        n = len(ngram)
+        if not 1 <= n <= self.max_ngram or any(not 0 <= t < self.vocab_size for t in ngram):
+            return self.order[:0]
+        low = 0
+        for t in ngram:
+            low = (low << self._bits) | int(t)
+        shift = self._bits * (self.max_ngram - n)
+        low <<= shift
+        lo = int(np.searchsorted(self._sorted_keys, low, side="left"))
+        hi = int(np.searchsorted(self._sorted_keys, low + (1 << shift), side="left"))
+        return self.order[lo:hi]
+
+    def follow(self, context: Sequence[int], limit: int, *, min_ngram: int = 2, candidates: int = 256,
+               min_share: float = 0.2) -> list[int]:
+        """Up to `limit` tokens to draft after `context`.
+
+        The longest suffix of `context` (max_ngram down to min_ngram tokens) that occurs in the
+        corpus picks the occurrences; of `candidates` of them, evenly spread, the draft follows the
+        token most of them continue with, as long as at least `min_share` of them still agree
+        (the first token is always taken: one draft costs little)."""
+        limit = min(limit, _MAX_LIMIT)
+        if limit < 1:
+            return []
+        for n in range(min(self.max_ngram, len(context)), min_ngram - 1, -1):
+            starts = self.occurrences(context[len(context) - n:])
+            if len(starts):
+                break
+        else:
+            return []
+        if len(starts) > candidates:
+            # The range is sorted by what follows, so evenly spaced picks keep each continuation's share.
+            starts = starts[np.linspace(0, len(starts) - 1, candidates).astype(np.int64)]
+        starts = starts.astype(np.int64) + n
+        rows = self._padded[starts[:, None] + np.arange(limit)]
+        total = len(rows)
+        draft: list[int] = []
+        for depth in range(limit):
+            values, counts = np.unique(rows[:, depth], return_counts=True)
+            best = int(counts.argmax())
+            token = int(values[best])
+            if token == self.vocab_size or (depth and counts[best] < min_share * total):
+                break
+            draft.append(token)
+            rows = rows[rows[:, depth] == token]
+        return draft
+
+
+def store_path(tokenizer_fingerprint: str, corpus_fingerprint: str) -> Path:
+    from .embedded import _cache_root
+
+    key = hashlib.sha256(f"{tokenizer_fingerprint}\0{corpus_fingerprint}\0{STORE_VERSION}".encode()).hexdigest()[:16]
+    return _cache_root() / "draftstores" / f"{key}.npz"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]
+
+
+def open_store(choice: str, tokenizer, vocab_size: int, progress: Callable[[str], None] | None = None) -> DraftStore:
+    """The store `choice` names: "stdlib" (the standard library's training files) or a folder."""
+    if choice == "stdlib":
+        store = stdlib_store(tokenizer, vocab_size, progress)
+    elif Path(choice).is_dir():
+        store = folder_store(choice, tokenizer, vocab_size, progress)
+    else:
+        raise SdsatError(f"draft store {choice!r}: give stdlib or a folder of Python files (no such folder)")
+    store.source = choice
+    return store
+
+
+def stdlib_store(tokenizer, vocab_size: int, progress: Callable[[str], None] | None = None) -> DraftStore:
+    """The store of the standard library's training files (the held-out ones never enter it)."""
+    from .corpus import split_files
+
+    root, train, _held_out = split_files()
+    return _cached_store(root, train, tokenizer, vocab_size, progress)
+
+
+def folder_store(folder: str | Path, tokenizer, vocab_size: int,
+                 progress: Callable[[str], None] | None = None) -> DraftStore:
+    """The store of every Python file under `folder`."""
+    from .corpus import python_files
+
+    root = Path(folder).resolve()
+    return _cached_store(root, python_files(root), tokenizer, vocab_size, progress)
+
+
+def _cached_store(root: Path, files: list[Path], tokenizer, vocab_size: int,
+                  progress: Callable[[str], None] | None) -> DraftStore:
+    """Built once (the standard library, 7M tokens: about half a minute on 2 cores, mostly
+    tokenizing) and cached under the user's cache folder, keyed by tokenizer and file list. An
+    edited file keeps its old tokens until the list changes: drafts stay proposals, so a stale
+    store costs speed, never correctness."""
+    from .corpus import file_list_hash, token_stream
+
+    path = store_path(tokenizer_fingerprint(tokenizer), f"{root}:{file_list_hash(files, root)}")
+    if path.is_file():
+        try:
+            return DraftStore.load(path)
+        except SdsatError as e:
+            log.warning("%s; building it again", e)
+    if progress:
+        progress(f"building the draft store from {len(files)} Python files under {root} (once; cached in {path.parent})")
+    store = DraftStore.build(token_stream(tokenizer, files), vocab_size)
+    store.save(path)
+    return store
+
+
+# ----------------------------------------------------------------------------------------------
+# `sdsat-lsp draft-store`: build (or check) a model's store ahead of time, so that a server's
+# first start does not spend half a minute on it (scripts/setup does this for the embedded model).
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", help="model folder or hub id (default: the embedded model)")
+    p.add_argument("--source", default="auto", help="stdlib | a folder of Python files | auto (default: the model "
+                   "card's choice; nothing to do when it names none)")
+
+
+def main(args) -> int:
+    import sys
+    import time
+
+    from .embedded import resolve_model
+
+    loaded = resolve_model(args.model, quantize="none", device="cpu", dtype="auto")
+    choice = loaded.card.draft_store if args.source == "auto" else args.source
+    if not choice:
+        print(f"{loaded.ref}: its model card names no draft store; nothing to build", file=sys.stderr)
+        return 0
+    started = time.perf_counter()
+    store = open_store(choice, loaded.tokenizer, loaded.model.get_input_embeddings().weight.shape[0],
+                       progress=lambda message: print(message, file=sys.stderr, flush=True))
+    print(f"draft store {choice} for {loaded.ref}: {len(store)} tokens, ready in {time.perf_counter() - started:.1f} s",
+          file=sys.stderr)
+    return 0
