@@ -208,7 +208,7 @@ def _draft_store(choice: str, loaded):
     if choice in ("none", "off"):
         return None
     return open_store(choice, loaded.tokenizer, loaded.model.get_input_embeddings().weight.shape[0],
-                      progress=lambda message: print(message, file=sys.stderr, flush=True))
+                      progress=lambda message: print(message, file=sys.stderr, flush=True), model_dir=loaded.folder)
 
 
 def main(args) -> int:

@@ -77,6 +77,7 @@ class LoadedModel:
     dtype: str  # "float32", "bfloat16", "float16": the dtype of activations and unquantized weights
     load_ms: float
     weight_bytes: int = 0  # parameters and buffers as loaded
+    folder: str = ""  # the local folder the files came from (a hub id's snapshot)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,7 +387,7 @@ def load_model(
     weight_bytes += sum(_packed_bytes(m) for m in model.modules())  # fbgemm's packed weights are not parameters
     load_ms = (time.perf_counter() - started) * 1e3
     log.info("loaded %s in %.0f ms: %s of weights", os.fspath(ref), load_ms, _gib(weight_bytes))
-    return LoadedModel(model, tokenizer, card, os.fspath(ref), device, quantize, dtype, load_ms, weight_bytes)
+    return LoadedModel(model, tokenizer, card, os.fspath(ref), device, quantize, dtype, load_ms, weight_bytes, os.fspath(folder))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -423,11 +423,12 @@ class SdsatServer(LanguageServer):
                 self.warn_user(f"building the draft store failed: {type(exc).__name__}: {exc}")
                 return
             self.draft_store = store
-            self.draft_store_info = {"state": "ready", "source": choice, "tokens": len(store)}
-            self.log_to_client(f"sdsat-lsp: draft store {choice} ready ({len(store)} tokens)")
+            self.draft_store_info = {"state": "ready", "source": store.source, "tokens": len(store)}
+            self.log_to_client(f"sdsat-lsp: draft store {store.source} ready ({len(store)} tokens)")
 
         future = self.store_builder.submit(open_store, choice, tokenizer, vocab,
-                                           lambda message: self.from_worker(self.log_to_client, f"sdsat-lsp: {message}"))
+                                           lambda message: self.from_worker(self.log_to_client, f"sdsat-lsp: {message}"),
+                                           loaded.folder)
         future.add_done_callback(lambda f: self.from_worker(done, f))
 
     # -- completion -------------------------------------------------------------------------------

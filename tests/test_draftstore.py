@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdsat_lsp.draftstore import DraftStore
+from sdsat_lsp.draftstore import DraftStore, TieredStore
 from sdsat_lsp.engine import generate
 from sdsat_lsp.errors import SdsatError
 
@@ -138,3 +138,53 @@ def test_store_keys_pack_large_vocabularies():
     assert store.max_ngram == 4
     assert sorted(store.occurrences([32015, 0, 32015]).tolist()) == [0, 4]
     assert store.follow([32015, 0], 2) == [32015, 0]
+
+
+def test_tiered_store_asks_in_order():
+    own = DraftStore.build([5, 6, 7, 8, 0], 10)
+    code = DraftStore.build([5, 6, 9, 9, 0, 1, 2, 3, 0], 10)
+    tiered = TieredStore(own, code)
+    assert tiered.follow([5, 6], 2) == [7, 8]  # the first store knows "5 6"
+    assert tiered.follow([1, 2], 1) == [3]  # only the second does
+    assert tiered.follow([4, 4], 3) == [] and len(tiered) == 14
+
+
+def test_distill_writes_the_models_own_continuations_and_resumes(sdsat_micro_dir, tmp_path):
+    """`draft-store --distill`: greedy continuations (checked against plain greedy decoding), a
+    record of how they were made, the same file after an interruption, and a store that uses them."""
+    import json
+    import shutil
+
+    from sdsat_lsp.cli import main
+    from sdsat_lsp.corpus import cut_prompts, split_files
+    from sdsat_lsp.draftstore import OWN_DRAFTS_FILE, open_store
+    from sdsat_lsp.model import load_model
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(sdsat_micro_dir, model_dir)
+    args = ["draft-store", "--model", str(model_dir), "--distill", "3", "--max-new-tokens", "8", "--seed", "5"]
+    assert main(args) == 0
+    out = model_dir / OWN_DRAFTS_FILE
+    tokens = np.load(out).tolist()
+    recipe = json.loads((model_dir / "drafts.json").read_text())
+    assert recipe["prompts"] == 3 and recipe["tokens"] == len(tokens) and recipe["seed"] == 5
+    loaded = load_model(model_dir, quantize="none")
+    eos = loaded.tokenizer.eos_token_id
+    prompt = loaded.tokenizer(cut_prompts(3, seed=5, max_chars=1000, files=split_files()[1])[0].text)["input_ids"]
+    greedy = generate(loaded.model, prompt, mode="ar", max_new_tokens=8).tokens
+    assert tokens[:len(greedy) + 9] == prompt[-8:] + greedy + [eos]
+    # Interrupted after the first prompt: the run picks up there and writes the same file.
+    first = tokens[:tokens.index(eos) + 1]
+    partial = model_dir / f"{OWN_DRAFTS_FILE}.partial.json"
+    partial.write_text(json.dumps({"recipe": {k: v for k, v in recipe.items() if k not in ("tokens", "sha256")},
+                                   "segments": [first]}))
+    out.unlink()
+    assert main(args) == 0
+    assert np.load(out).tolist() == tokens and not partial.exists()
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "a.py").write_text("def f(x):\n    return x + 1\n" * 20)
+    store = open_store(str(code), loaded.tokenizer, loaded.model.get_input_embeddings().weight.shape[0],
+                       model_dir=model_dir)
+    assert isinstance(store, TieredStore) and store.source == f"{OWN_DRAFTS_FILE}+{code}"
+    assert store.follow(prompt[-8:], 4) == greedy[:len(store.follow(prompt[-8:], 4))] != []

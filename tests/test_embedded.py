@@ -39,3 +39,19 @@ def test_the_shipped_embedded_model_is_the_default_and_decodes_identically():
     plain = generate(loaded.model, ids, mode="ar", max_new_tokens=32)
     fused = generate(loaded.model, ids, mode="fused", k=card.k, adaptive_ids=card.adaptive_ids, max_new_tokens=32)
     assert fused.tokens == plain.tokens and plain.tokens
+
+
+def test_the_shipped_own_drafts_were_made_by_the_shipped_weights():
+    """drafts.npy (the first tier of the embedded model's draft store) is the continuations of this
+    model, not of one installed before it: a retrained model must distill again."""
+    import numpy as np
+
+    from sdsat_lsp.embedded import EMBEDDED_DIR
+
+    recipe = json.loads((EMBEDDED_DIR / "drafts.json").read_text())
+    assert recipe["model_sha256"] == hashlib.sha256((EMBEDDED_DIR / "model.safetensors").read_bytes()).hexdigest()
+    assert recipe["sha256"] == hashlib.sha256((EMBEDDED_DIR / "drafts.npy").read_bytes()).hexdigest()
+    tokens = np.load(EMBEDDED_DIR / "drafts.npy")
+    vocab = json.loads((EMBEDDED_DIR / "config.json").read_text())["vocab_size"]
+    assert len(tokens) == recipe["tokens"] > 100_000 and 0 <= tokens.min() and tokens.max() < vocab
+    assert json.loads((EMBEDDED_DIR / "sdsat.json").read_text())["draft_store"] == "stdlib"
