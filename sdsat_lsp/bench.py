@@ -201,11 +201,10 @@ def _editor_session(args) -> int:
 
 
 def _draft_store(choice: str, loaded):
-    from .draftstore import open_store
+    from .draftstore import open_store, store_choice
 
-    if choice == "auto":
-        choice = loaded.card.draft_store or "none"
-    if choice in ("none", "off"):
+    choice = store_choice(choice, loaded.card)
+    if choice is None:
         return None
     return open_store(choice, loaded.tokenizer, loaded.model.get_input_embeddings().weight.shape[0],
                       progress=lambda message: print(message, file=sys.stderr, flush=True), model_dir=loaded.folder)

@@ -392,15 +392,13 @@ class SdsatServer(LanguageServer):
         """Open the draft store the settings (or the model card) ask for, beside the worker: the
         first build tokenizes its corpus (the standard library: about half a minute, then cached),
         and completions go on without retrieval drafts meanwhile."""
-        from .draftstore import open_store
+        from .draftstore import open_store, store_choice
 
         loaded = self.loaded
-        choice = self.settings.draft_store
-        if choice == "auto":
-            choice = loaded.card.draft_store or "off"
+        choice = store_choice(self.settings.draft_store, loaded.card)
         build = self.draft_store_build = next(self.draft_store_builds)
         self.draft_store = None
-        if choice == "off" or loaded.card.adaptive_ids == []:  # a model without SDSAT decodes plainly
+        if choice is None or not loaded.card.adaptive_ids:  # a model without SDSAT decodes plainly
             self.draft_store_info = {"state": "off"}
             return
         self.draft_store_info = {"state": "building", "source": choice}
