@@ -58,7 +58,7 @@ def _packed_keys(padded: np.ndarray, length: int, bits: int, max_ngram: int) -> 
 class DraftStore:
     """Continuations of n-grams (2..max_ngram tokens) in a fixed token corpus."""
 
-    def __init__(self, tokens: np.ndarray, order: np.ndarray, vocab_size: int):
+    def __init__(self, tokens: np.ndarray, order: np.ndarray, vocab_size: int, sorted_keys: np.ndarray | None = None):
         self.vocab_size = int(vocab_size)
         self.source = ""  # what the corpus is, for reports (open_store names it)
         self._bits, self.max_ngram = _key_layout(self.vocab_size)
@@ -67,7 +67,9 @@ class DraftStore:
         self.tokens = tokens.astype(np.int32, copy=False)
         self.order = order.astype(np.int32 if len(tokens) < 2**31 else np.int64, copy=False)
         self._padded = _padded(self.tokens, self.vocab_size)
-        self._sorted_keys = _packed_keys(self._padded, len(self.tokens), self._bits, self.max_ngram)[self.order]
+        if sorted_keys is None:  # a loaded store: keys are cheaper to recompute than to store
+            sorted_keys = _packed_keys(self._padded, len(self.tokens), self._bits, self.max_ngram)[self.order]
+        self._sorted_keys = sorted_keys
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -79,7 +81,8 @@ class DraftStore:
             raise SdsatError(f"draft store: token ids must lie in 0..{vocab_size - 1}")
         bits, max_ngram = _key_layout(vocab_size)
         keys = _packed_keys(_padded(tokens, vocab_size), len(tokens), bits, max_ngram)
-        return cls(tokens, np.argsort(keys, kind="stable"), vocab_size)  # stable: one corpus, one store
+        order = np.argsort(keys, kind="stable")  # stable: one corpus, one store
+        return cls(tokens, order, vocab_size, sorted_keys=keys[order])
 
     def save(self, path: str | Path) -> None:
         """Written atomically: a killed build leaves no half-written store behind."""
