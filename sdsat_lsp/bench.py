@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .decoding import LOOKUP_NGRAM
+from .decoding import LOOKUP_NGRAM, TREE_NODES
 from .errors import SdsatError
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "files (never the held-out ones the default prompts come from), none (skip the mode), or the "
                    "Python files under DIR; built once and cached. auto (default): the model card's choice (the "
                    "embedded model's: stdlib), else none")
+    p.add_argument("--tree-nodes", type=int, default=TREE_NODES,
+                   help=f"fused+store verifies a tree of up to this many retrieved tokens per pass; 0: one continuation "
+                   f"(default {TREE_NODES})")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() comparison")
     p.add_argument("--json", dest="json_path", help="write the results here")
     p.add_argument("--editor-session", metavar="FILE",
@@ -69,7 +72,8 @@ def _median(values: list[float]) -> float:
 
 
 def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[int], max_new_tokens: int,
-              with_hf: bool = True, progress=None, draft_length: str = "adaptive", draft_store=None) -> dict:
+              with_hf: bool = True, progress=None, draft_length: str = "adaptive", draft_store=None,
+              tree_nodes: int = TREE_NODES) -> dict:
     """Decode every prompt with every mode; return the figures (see `main` for the keys)."""
     from .engine import generate
 
@@ -86,7 +90,7 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
         engine_mode, ngram, use_store = ENGINE_MODES[mode]
         return generate(model, prompt, mode=engine_mode, k=k, adaptive_ids=adaptive_ids, max_new_tokens=new_tokens,
                         eos_ids=eos_ids, draft_length=draft_length, lookup_ngram=ngram,
-                        draft_store=draft_store if use_store else None)
+                        draft_store=draft_store if use_store else None, tree_nodes=tree_nodes if use_store else 0)
 
     for mode in modes:
         run(mode, prompts[0][:32], 8)
@@ -221,6 +225,8 @@ def main(args) -> int:
         raise SdsatError(f"--k must be at least 1 (got {args.k})")
     if args.prompts < 1 or args.max_new_tokens < 1:
         raise SdsatError("--prompts and --max-new-tokens must be at least 1")
+    if not 0 <= args.tree_nodes <= 64:
+        raise SdsatError(f"--tree-nodes must lie in 0..64 (got {args.tree_nodes})")
     loaded = resolve_model(args.model, quantize=args.quantize, device=args.device, dtype=args.dtype,
                            adaptive_ids=args.adaptive_ids, k=args.k)
     k = args.k or loaded.card.k
@@ -245,12 +251,14 @@ def main(args) -> int:
           f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each", file=sys.stderr)
     store = _draft_store(args.draft_store, loaded)
     result = run_bench(loaded, prompts, k=k, adaptive_ids=list(adaptive_ids), max_new_tokens=args.max_new_tokens,
-                       with_hf=not args.no_hf, progress=progress, draft_length=args.draft_length, draft_store=store)
+                       with_hf=not args.no_hf, progress=progress, draft_length=args.draft_length, draft_store=store,
+                       tree_nodes=args.tree_nodes)
     print(file=sys.stderr)
     result.update(k=k, adaptive_ids=list(adaptive_ids), model=str(loaded.ref), device=loaded.device,
                   quantize=loaded.quantize, dtype=loaded.dtype, prompts=len(prompts), max_new_tokens=args.max_new_tokens,
                   source=args.source or "stdlib-held-out", draft_length=args.draft_length,
-                  draft_store=store.source if store is not None else "none", draft_store_tokens=len(store) if store is not None else 0)
+                  draft_store=store.source if store is not None else "none", draft_store_tokens=len(store) if store is not None else 0,
+                  tree_nodes=args.tree_nodes)
     print(format_table(result))
     print(f"identical: {result['identical']}  speedup ({result['best_mode']}): {result['speedup']:.2f}x  "
           f"tokens/pass: {result['tokens_per_pass']:.2f}  mean accepted: {result['mean_accepted']:.2f} "

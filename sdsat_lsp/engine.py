@@ -38,6 +38,7 @@ from typing import Protocol
 import torch
 
 from .decoding import DRAFT_LENGTHS, LOOKUP_TOKENS, MODES
+from .drafttree import DraftTree
 from .errors import SdsatError
 
 
@@ -208,9 +209,12 @@ AcceptRule = Callable[[torch.Tensor, int, "torch.Generator | None"], "int | None
 
 
 class DraftSource(Protocol):
-    """Proposes up to `limit` tokens to follow `context` (its tail; see `STORE_CONTEXT`)."""
+    """Proposes tokens to follow `context` (its tail; see `STORE_CONTEXT`): one continuation of up
+    to `limit` tokens, or a tree of up to `nodes` tokens and `limit` deep."""
 
     def follow(self, context: Sequence[int], limit: int) -> list[int]: ...
+
+    def tree(self, context: Sequence[int], limit: int, nodes: int) -> DraftTree: ...
 
 
 # The tokens of context a draft store is given: more than any store matches on (draftstore: 4).
@@ -293,6 +297,34 @@ def _block_mask(past: int, verify_len: int, blocks: list[int], block_len: int, d
     mask = torch.zeros(q, past + q, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def _tree_mask(past: int, parents: list[int], dtype, device) -> torch.Tensor:
+    """Additive (1, 1, q, past + q) mask for the root and the nodes of a `DraftTree`: each sees
+    the cache, its ancestors and itself."""
+    q = len(parents) + 1
+    blocked = torch.finfo(dtype).min
+    rows = [[0.0] + [blocked] * (q - 1)]
+    for i, parent in enumerate(parents, start=1):  # parents come first: their rows are complete
+        row = list(rows[parent])
+        row[i] = 0.0
+        rows.append(row)
+    mask = torch.zeros(q, past + q, dtype=dtype)
+    mask[:, past:] = torch.tensor(rows, dtype=dtype)
+    return mask.to(device)[None, None]
+
+
+def _keep_path(cache, root: int, path: list[int]) -> None:
+    """After a tree pass: move the KV of the accepted nodes (fed indices `path`, fed from cache
+    position `root`) to follow the root, where plain decoding would have put them. Each was
+    computed at the position of its depth, which is where it lands."""
+    if path == list(range(1, len(path) + 1)):
+        return  # the main path, already in place
+    with torch.inference_mode():
+        for layer in cache.layers:
+            for kv in (layer.keys, layer.values):
+                source = torch.tensor([root + i for i in path], device=kv.device)
+                kv[..., root + 1:root + 1 + len(path), :] = kv.index_select(-2, source)
 
 
 class NgramIndex:
@@ -380,6 +412,7 @@ def generate(
     lookup_ngram: int = 0,
     lookup_tokens: int = LOOKUP_TOKENS,
     draft_store: DraftSource | None = None,
+    tree_nodes: int = 0,
 ) -> Generation:
     """Decode after `prompt_ids`.
 
@@ -404,6 +437,10 @@ def generate(
     draft. A store has a draft nearly always, so a pass whose draft was retrieved (from the store or
     the context) carries no adaptive blocks when there is a store: they would almost never be read.
     A pass that found nothing to retrieve carries them as before. Stats count the kinds apart.
+    `tree_nodes` > 0 (greedy decoding with a store): a pass verifies a tree of up to that many
+    retrieved tokens (the store's most shared continuations, the context's draft merged in; see
+    `drafttree.py`) instead of one continuation, and counts as a lookup pass when the context had
+    a draft.
     """
     from transformers import DynamicCache
 
@@ -486,56 +523,78 @@ def generate(
             break
         base = len(seq)  # position of y; the stopper's length limit keeps it inside the context
         looked_up = lookup.follow(y, lookup_tokens) if lookup is not None else []
-        from_lookup = bool(looked_up)
-        retrieved = [] if from_lookup or store is None else store.follow(seq[-STORE_CONTEXT:] + [y], lookup_tokens)
-        from_store = bool(retrieved)
-        if from_lookup:
-            drafts = looked_up
-        elif from_store:
-            drafts = retrieved
-        drafts = drafts[: max(0, ctx - base - 1)]
-        verify = [y] + drafts
+        from_lookup, from_store = bool(looked_up), False
+        tree = None
+        if store is not None and tree_nodes > 0 and sampling.greedy:
+            tree = store.tree(seq[-STORE_CONTEXT:] + [y], lookup_tokens, tree_nodes)
+            from_store = len(tree) > 0
+            if looked_up:
+                tree.add_path(looked_up)
+            tree = tree.cut(ctx - base - 1) if len(tree) else None
+        if tree is None:
+            retrieved = [] if from_lookup or store is None else store.follow(seq[-STORE_CONTEXT:] + [y], lookup_tokens)
+            from_store = bool(retrieved)
+            if from_lookup:
+                drafts = looked_up
+            elif from_store:
+                drafts = retrieved
+            drafts = drafts[: max(0, ctx - base - 1)]
+            tree = DraftTree.chain(drafts)
+        verify = [y] + tree.tokens
         if mode == "ar":
             blocks = []
         elif mode == "two-pass":
-            blocks = [] if drafts else [0]
+            blocks = [] if len(tree) else [0]
         else:
-            blocks = list(range(len(drafts) + 1))
+            blocks = list(range(len(tree) + 1))
             if draft_length == "adaptive":
                 blocks = blocks[:3] + blocks[3:][-1:]
             if store is not None and (from_lookup or from_store):
                 # Measured (bench, embedded model): 1.53x without these blocks, 1.41x with them.
                 blocks = []
         ids = list(verify)
-        positions = list(range(base, base + len(verify)))
+        positions = [base] + [base + depth for depth in tree.depths()]
         pass_block = block[:draft_len]
-        for n in blocks:
+        for n in blocks:  # only after a chain: retrieved trees carry no blocks
             ids += pass_block
             positions += range(base + n + 1, base + n + 1 + len(pass_block))
-        # A single block after the whole draft is still a plain causal layout; only more needs a mask.
-        contiguous = not blocks or blocks == [len(drafts)]
-        mask = None if contiguous else _block_mask(base, len(verify), blocks, len(pass_block), dtype, device)
+        if not tree.is_chain():
+            mask = _tree_mask(base, tree.parents, dtype, device)
+        elif not blocks or blocks == [len(tree)]:
+            mask = None  # a single block after the whole draft is still a plain causal layout
+        else:
+            mask = _block_mask(base, len(verify), blocks, len(pass_block), dtype, device)
         states, to_logits = forward_states(model, cache, ids, positions, mask)
-        logits = to_logits(states[: len(verify)])
         stats.forward_passes += 1
         stats.tokens_fed += len(ids)
 
-        # Verify: drafts[i] is checked against the output at verify[i].
-        accepted = 0
+        # Verify: a node is accepted when its parent's output is its token.
         correction = None
-        targets = torch.argmax(logits[: len(verify)], dim=-1).tolist() if sampling.greedy else None
-        for i, d in enumerate(drafts):
-            if targets is not None:
-                correction = None if targets[i] == d else targets[i]
-            else:
+        if sampling.greedy:
+            # Only the rows on the accepted path need the output head (a third of a small model's
+            # work per token): most of a tree, and a chain's tail after a miss, is never read.
+            targets: dict[int, int] = {}
+
+            def target(node: int) -> int:
+                if node not in targets:
+                    targets[node] = int(torch.argmax(to_logits(states[node:node + 1])[0]).item())
+                return targets[node]
+
+            path = tree.walk(target)
+        else:
+            # Speculative sampling takes one draft at a time along a chain (no trees here).
+            logits = to_logits(states[: len(verify)])
+            path = []
+            for i, d in enumerate(tree.tokens):
                 correction = accept_rule(logits_to_probs(logits[i], sampling), d, generator)
-            if correction is not None:
-                break
-            accepted += 1
-        stats.accepted_per_pass.append(accepted if drafts else -1)
-        if drafts:
+                if correction is not None:
+                    break
+                path.append(i + 1)
+        accepted = len(path)
+        stats.accepted_per_pass.append(accepted if len(tree) else -1)
+        if len(tree):
             stats.verify_passes += 1
-            stats.drafts_verified += len(drafts)
+            stats.drafts_verified += len(tree)
             stats.drafts_accepted += accepted
             if from_lookup:
                 stats.lookup_passes += 1
@@ -543,21 +602,24 @@ def generate(
             elif from_store:
                 stats.store_passes += 1
                 stats.store_accepted += accepted
-        next_y = correction if correction is not None else pick(logits[accepted])
+        last = path[-1] if path else 0
+        next_y = correction if correction is not None else (target(last) if sampling.greedy else pick(logits[last]))
         if accepted in blocks:
             row = len(verify) + blocks.index(accepted) * len(pass_block)
             block_logits = to_logits(states[row:row + len(pass_block)])
             next_drafts = [int(t) for t in torch.argmax(block_logits, dim=-1).tolist()]
         else:
             next_drafts = []
-        if drafts and draft_length == "adaptive" and not (from_lookup or from_store):
-            draft_len = min(len(block), draft_len + 1) if accepted == len(drafts) else max(1, draft_len - 1)
+        if len(tree) and draft_length == "adaptive" and not (from_lookup or from_store):
+            draft_len = min(len(block), draft_len + 1) if accepted == len(tree) else max(1, draft_len - 1)
             next_drafts = next_drafts[:draft_len]
+        _keep_path(cache, base, path)
         crop_to(base + 1 + accepted)
-        seq += verify[: 1 + accepted]
+        emitted = [y] + [verify[i] for i in path]
+        seq += emitted
         if lookup is not None:
-            lookup.extend(verify[: 1 + accepted])
-        done = stopper.push_all(drafts[:accepted] + [next_y])
+            lookup.extend(emitted)
+        done = stopper.push_all(emitted[1:] + [next_y])
         y, drafts = next_y, next_drafts
 
     tokens = stopper.tokens

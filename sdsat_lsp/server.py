@@ -48,7 +48,7 @@ from pygls.exceptions import JsonRpcException, JsonRpcInternalError, JsonRpcInva
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 
-from .decoding import DRAFT_LENGTHS, LOOKUP_NGRAM
+from .decoding import DRAFT_LENGTHS, LOOKUP_NGRAM, TREE_NODES
 from .decoding import MODES as DECODING_MODES
 from .document import Document, DocumentWorkspace
 from .errors import SdsatError
@@ -85,6 +85,7 @@ class Settings:
     draft_length: str = "adaptive"  # adaptive | fixed (always k drafts; see engine.generate)
     lookup_ngram: int = LOOKUP_NGRAM  # draft from the context when the last n tokens occurred before; 0 = off
     draft_store: str = "auto"  # retrieve drafts from: auto (the model card's choice) | off | stdlib | a folder
+    tree_nodes: int = TREE_NODES  # retrieved drafts verified per pass as a tree (greedy only); 0 = one continuation
     max_tokens: int = 64  # new tokens per completion
     time_budget_ms: int = 400  # past this, stop at the next newline; 0 = no budget
     line_mode: str = "auto"  # auto | single | multi
@@ -103,7 +104,7 @@ class Settings:
 
 _CHOICES = {"mode": DECODING_MODES, "line_mode": LINE_MODES, "draft_length": DRAFT_LENGTHS}
 _RANGES = {
-    "threads": (0, 1024), "k": (0, 64), "lookup_ngram": (0, 16), "max_tokens": (1, 4096), "time_budget_ms": (0, 600_000),
+    "threads": (0, 1024), "k": (0, 64), "lookup_ngram": (0, 16), "tree_nodes": (0, 64), "max_tokens": (1, 4096), "time_budget_ms": (0, 600_000),
     "max_prompt_tokens": (16, 1 << 20), "max_suffix_tokens": (0, 1 << 16), "temperature": (0.0, 100.0),
     "top_k": (0, 1 << 20), "top_p": (1e-6, 1.0), "seed": (-1, 2**62), "cache_budget_mb": (0, 1 << 24),
 }
@@ -504,6 +505,7 @@ class SdsatServer(LanguageServer):
                 deadline=job.created + s.time_budget_ms / 1e3 if s.time_budget_ms else None,
                 first_token_ids=healing.first_token_ids if healing is not None else None,
                 draft_length=s.draft_length, lookup_ngram=s.lookup_ngram, draft_store=self.draft_store,
+                tree_nodes=s.tree_nodes,
             )
         except BaseException:
             store.discard(lease)  # its state is unknown
