@@ -20,11 +20,15 @@ from .errors import SdsatError
 log = logging.getLogger(__name__)
 
 SDSAT_MODES = ("two-pass", "fused", "fused+lookup", "fused+store")
-# Bench mode -> (engine mode, n-gram size for context-lookup drafts, whether the draft store drafts).
-# "fused+lookup" drafts from the context when the last tokens occurred there before and from the
-# adaptive tokens otherwise; "fused+store" tries the draft store (retrieval) between the two.
-ENGINE_MODES = {"ar": ("ar", 0, False), "two-pass": ("two-pass", 0, False), "fused": ("fused", 0, False),
-                "fused+lookup": ("fused", LOOKUP_NGRAM, False), "fused+store": ("fused", LOOKUP_NGRAM, True)}
+# Bench mode -> (engine mode, n-gram size for context-lookup drafts, whether the draft store drafts,
+# whether its drafts are verified as trees). "fused+lookup" drafts from the context when the last
+# tokens occurred there before and from the adaptive tokens otherwise; "fused+store" tries the draft
+# store (retrieval) between the two. "fused+store-chain" verifies one retrieved continuation per
+# pass: shown beside the trees for comparison, never the headline.
+ENGINE_MODES = {"ar": ("ar", 0, False, False), "two-pass": ("two-pass", 0, False, False),
+                "fused": ("fused", 0, False, False), "fused+lookup": ("fused", LOOKUP_NGRAM, False, False),
+                "fused+store": ("fused", LOOKUP_NGRAM, True, True),
+                "fused+store-chain": ("fused", LOOKUP_NGRAM, True, False)}
 
 
 def _int_list(text: str) -> list[int]:
@@ -79,7 +83,7 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
 
     model = loaded.model
     sdsat_modes = tuple(m for m in SDSAT_MODES if draft_store is not None or not ENGINE_MODES[m][2])
-    modes = ("ar",) + sdsat_modes
+    modes = ("ar",) + sdsat_modes + (("fused+store-chain",) if draft_store is not None and tree_nodes else ())
     runs: dict[str, list] = {m: [] for m in modes}
     hf_runs: dict[str, list] = {"hf-greedy": [], "hf-prompt-lookup": []}
     eos = model.config.eos_token_id
@@ -87,10 +91,10 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
 
     # Warm-up: first passes pay for allocator growth and lazy initialisation.
     def run(mode: str, prompt: list[int], new_tokens: int):
-        engine_mode, ngram, use_store = ENGINE_MODES[mode]
+        engine_mode, ngram, use_store, tree = ENGINE_MODES[mode]
         return generate(model, prompt, mode=engine_mode, k=k, adaptive_ids=adaptive_ids, max_new_tokens=new_tokens,
                         eos_ids=eos_ids, draft_length=draft_length, lookup_ngram=ngram,
-                        draft_store=draft_store if use_store else None, tree_nodes=tree_nodes if use_store else 0)
+                        draft_store=draft_store if use_store else None, tree_nodes=tree_nodes if tree else 0)
 
     for mode in modes:
         run(mode, prompts[0][:32], 8)
@@ -148,7 +152,7 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
         }
     best = max(sdsat_modes, key=lambda m: result["modes"][m]["speedup"])
     result.update(
-        identical=all(result["modes"][m]["identical"] for m in sdsat_modes),
+        identical=all(result["modes"][m]["identical"] for m in modes),
         best_mode=best,
         speedup=result["modes"][best]["speedup"],
         tokens_per_pass=result["modes"][best]["tokens_per_pass"],

@@ -11,7 +11,7 @@ DRAFT_LENGTHS = ("adaptive", "fixed")
 LOOKUP_NGRAM = 3
 LOOKUP_TOKENS = 8
 # Retrieved drafts verified per pass as a tree (drafttree.py); 0 = one continuation. Measured on
-# the embedded model (bench prompts, one run): a tree of up to 24 tokens accepted 2.56 drafts per
-# pass against one continuation's 2.03, at about the same speed on 2 CPU cores (1.67x against
-# 1.72x over plain decoding), where every fed token costs; on a GPU extra tokens are nearly free.
+# the embedded model (bench, one run): a tree of up to 24 tokens accepted 2.56 drafts per pass
+# against one continuation's 2.03, at about the same speed on 2 CPU cores (1.84x against 1.89x
+# over plain decoding), where every fed token costs; on a GPU extra tokens are nearly free.
 TREE_NODES = 24

@@ -52,9 +52,11 @@ def test_bench_source_folder(sdsat_micro_dir, tmp_path):
     assert main(["bench", "--model", str(sdsat_micro_dir), "--quantize", "none", "--prompts", "2", "--max-new-tokens",
                  "16", "--source", str(src), "--draft-store", str(src), "--no-hf", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    store_mode = result["modes"]["fused+store"]
+    store_mode, chain_mode = result["modes"]["fused+store"], result["modes"]["fused+store-chain"]
     assert result["identical"] and store_mode["identical"] and store_mode["store_passes"] > 0
-    assert result["draft_store"] == str(src) and result["draft_store_tokens"] > 400
+    assert chain_mode["identical"] and chain_mode["store_passes"] > 0
+    assert result["best_mode"] != "fused+store-chain"  # a comparison, never the headline
+    assert result["draft_store"] == str(src) and result["draft_store_tokens"] > 400 and result["tree_nodes"] == 24
 
 
 @pytest.mark.parametrize(
@@ -63,6 +65,7 @@ def test_bench_source_folder(sdsat_micro_dir, tmp_path):
         (["--k", "0"], "k must be at least 1"),
         (["--adaptive-ids", "99999"], "outside the model's vocabulary"),
         (["--prompt-chars", "40000", "--max-new-tokens", "900"], "exceeds the model's context"),
+        (["--tree-nodes", "65"], "--tree-nodes must lie in 0..64"),
     ],
 )
 def test_bench_bad_input_is_a_clear_error(sdsat_micro_dir, capsys, extra, message):

@@ -363,20 +363,22 @@ async def test_configuration_changes_apply(main_server):
         # Wrong types: a warning, the defaults for those values, and the server keeps serving.
         shown = len(main_server.client.messages)
         main_server.configure({"maxTokens": "many", "temperature": "hot", "lineMode": 7, "kvCache": "yes",
-                               "nonsense": 1, "mode": "fused", "draftLength": "huge", "lookupNgram": -1})
+                               "nonsense": 1, "mode": "fused", "draftLength": "huge", "lookupNgram": -1,
+                               "treeNodes": 65})
         await main_server.inline(uri, 15, 12)
         settings = (await main_server.stats())["settings"]
         assert settings["maxTokens"] == 64 and settings["temperature"] == 0.0 and settings["lineMode"] == "auto"
         assert settings["mode"] == "fused" and settings["kvCache"] is True
-        assert settings["draftLength"] == "adaptive" and settings["lookupNgram"] == 3
+        assert settings["draftLength"] == "adaptive" and settings["lookupNgram"] == 3 and settings["treeNodes"] == 24
         warning = main_server.client.messages[shown].message
         assert "maxTokens" in warning and "temperature" in warning and "nonsense" in warning
-        assert "draftLength" in warning and "lookupNgram" in warning
-        main_server.configure({"lookupNgram": 0, "draftLength": "fixed"})
+        assert "draftLength" in warning and "lookupNgram" in warning and "treeNodes" in warning
+        main_server.configure({"lookupNgram": 0, "draftLength": "fixed", "treeNodes": 0})
         await main_server.inline(uri, 15, 12)
         s = await main_server.last_request(uri)
         assert s["lookupAccepted"] == 0
         assert (await main_server.stats())["settings"]["draftLength"] == "fixed"
+        assert (await main_server.stats())["settings"]["treeNodes"] == 0
         main_server.configure(["not", "an", "object"])
         main_server.configure(None)
         await main_server.inline(uri, 15, 12)
