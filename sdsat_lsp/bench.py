@@ -71,6 +71,11 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 4) if b else 0.0
 
 
+def _per_pass(accepted: int, passes: int) -> float | None:
+    """Accepted drafts per pass of one kind; None (JSON null) when there was no such pass."""
+    return round(accepted / passes, 4) if passes else None
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
@@ -126,12 +131,12 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
             "forward_passes": passes,
             "tokens_per_pass": round(new_tokens / passes, 4) if passes else 0.0,
             "mean_accepted": round(sum(g.stats.drafts_accepted for g in gens) / verify, 4) if verify else 0.0,
-            "mean_accepted_adaptive": _ratio(
+            "mean_accepted_adaptive": _per_pass(
                 sum(g.stats.drafts_accepted - g.stats.lookup_accepted - g.stats.store_accepted for g in gens),
                 sum(g.stats.verify_passes - g.stats.lookup_passes - g.stats.store_passes for g in gens)),
             "lookup_passes": sum(g.stats.lookup_passes for g in gens),
             "store_passes": sum(g.stats.store_passes for g in gens),
-            "mean_accepted_store": _ratio(sum(g.stats.store_accepted for g in gens), sum(g.stats.store_passes for g in gens)),
+            "mean_accepted_store": _per_pass(sum(g.stats.store_accepted for g in gens), sum(g.stats.store_passes for g in gens)),
             "tokens_fed_per_pass": _ratio(sum(g.stats.tokens_fed - g.stats.prefill_tokens for g in gens), passes),
             "speedup": round(_median([a.stats.wall_ms / g.stats.wall_ms for g, a in zip(gens, ar)]), 4),
             "median_ms": round(_median([g.stats.wall_ms for g in gens]), 2),
@@ -181,6 +186,10 @@ def _hf_generate(model, prompt: list[int], max_new_tokens: int, eos_ids: list[in
     return tokens, wall_ms
 
 
+def _number(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
 def format_table(result: dict) -> str:
     nan = float("nan")
     header = (f"{'mode':<18}{'identical':>10}{'tok/s':>10}{'tok/pass':>10}{'fed/pass':>10}{'accepted':>10}"
@@ -190,7 +199,7 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{mode:<18}{str(e['identical']):>10}{e['tokens_per_s']:>10.1f}{e.get('tokens_per_pass', nan):>10.2f}"
             f"{e.get('tokens_fed_per_pass', nan):>10.2f}{e.get('mean_accepted', nan):>10.2f}"
-            f"{e.get('mean_accepted_adaptive', nan):>11.2f}{e['median_ms']:>11.1f}{e['speedup']:>8.2f}x"
+            f"{_number(e.get('mean_accepted_adaptive')):>11.2f}{e['median_ms']:>11.1f}{e['speedup']:>8.2f}x"
         )
     return "\n".join(lines)
 
@@ -266,7 +275,7 @@ def main(args) -> int:
     print(format_table(result))
     print(f"identical: {result['identical']}  speedup ({result['best_mode']}): {result['speedup']:.2f}x  "
           f"tokens/pass: {result['tokens_per_pass']:.2f}  mean accepted: {result['mean_accepted']:.2f} "
-          f"(adaptive-token drafts: {result['mean_accepted_adaptive']:.2f})")
+          f"(adaptive-token drafts: {_number(result['mean_accepted_adaptive']):.2f})")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
     return 0 if result["identical"] else 1

@@ -81,10 +81,11 @@ class DecodeStats:
         return self.drafts_accepted / self.verify_passes if self.verify_passes else 0.0
 
     @property
-    def mean_accepted_adaptive(self) -> float:
-        """Accepted drafts per verifying pass whose drafts came from the adaptive tokens."""
+    def mean_accepted_adaptive(self) -> float | None:
+        """Accepted drafts per verifying pass whose drafts came from the adaptive tokens (None
+        when no pass verified any)."""
         passes = self.verify_passes - self.lookup_passes - self.store_passes
-        return (self.drafts_accepted - self.lookup_accepted - self.store_accepted) / passes if passes else 0.0
+        return (self.drafts_accepted - self.lookup_accepted - self.store_accepted) / passes if passes else None
 
     @property
     def tokens_per_pass(self) -> float:

@@ -34,6 +34,8 @@ def test_bench_writes_json_with_fused_beside_two_pass(sdsat_micro_dir, tmp_path,
     assert result["modes"]["hf-greedy"]["identical"]
     assert fused["tokens_per_pass"] > two_pass["tokens_per_pass"] > 0
     assert result["modes"]["ar"]["tokens_per_pass"] == pytest.approx(1.0)
+    assert result["modes"]["ar"]["mean_accepted_adaptive"] is None  # no pass verified adaptive drafts: not 0
+    assert fused["mean_accepted_adaptive"] == fused["mean_accepted"] > 0
     table = capsys.readouterr().out
     assert "fused" in table and "two-pass" in table and "hf-prompt-lookup" in table
 
