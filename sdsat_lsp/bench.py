@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .decoding import LOOKUP_NGRAM, TREE_NODES
+from .decoding import LOOKUP_NGRAM, TREE_DEPTH, TREE_NODES
 from .errors import SdsatError
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-nodes", type=int, default=TREE_NODES,
                    help=f"fused+store verifies a tree of up to this many retrieved tokens per pass; 0: one continuation "
                    f"(default {TREE_NODES})")
+    p.add_argument("--tree-depth", type=int, default=TREE_DEPTH,
+                   help=f"how deep those trees go (default {TREE_DEPTH})")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() comparison")
     p.add_argument("--json", dest="json_path", help="write the results here")
     p.add_argument("--editor-session", metavar="FILE",
@@ -82,7 +84,7 @@ def _median(values: list[float]) -> float:
 
 def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[int], max_new_tokens: int,
               with_hf: bool = True, progress=None, draft_length: str = "adaptive", draft_store=None,
-              tree_nodes: int = TREE_NODES) -> dict:
+              tree_nodes: int = TREE_NODES, tree_depth: int = TREE_DEPTH) -> dict:
     """Decode every prompt with every mode; return the figures (see `main` for the keys)."""
     from .engine import generate
 
@@ -99,7 +101,7 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
         engine_mode, ngram, use_store, tree = ENGINE_MODES[mode]
         return generate(model, prompt, mode=engine_mode, k=k, adaptive_ids=adaptive_ids, max_new_tokens=new_tokens,
                         eos_ids=eos_ids, draft_length=draft_length, lookup_ngram=ngram,
-                        draft_store=draft_store if use_store else None, tree_nodes=tree_nodes if tree else 0)
+                        draft_store=draft_store if use_store else None, tree_nodes=tree_nodes if tree else 0, tree_depth=tree_depth)
 
     for mode in modes:
         run(mode, prompts[0][:32], 8)
@@ -240,6 +242,8 @@ def main(args) -> int:
         raise SdsatError("--prompts and --max-new-tokens must be at least 1")
     if not 0 <= args.tree_nodes <= 64:
         raise SdsatError(f"--tree-nodes must lie in 0..64 (got {args.tree_nodes})")
+    if not 1 <= args.tree_depth <= 64:
+        raise SdsatError(f"--tree-depth must lie in 1..64 (got {args.tree_depth})")
     loaded = resolve_model(args.model, quantize=args.quantize, device=args.device, dtype=args.dtype,
                            adaptive_ids=args.adaptive_ids, k=args.k)
     k = args.k or loaded.card.k
@@ -265,13 +269,13 @@ def main(args) -> int:
     store = _draft_store(args.draft_store, loaded)
     result = run_bench(loaded, prompts, k=k, adaptive_ids=list(adaptive_ids), max_new_tokens=args.max_new_tokens,
                        with_hf=not args.no_hf, progress=progress, draft_length=args.draft_length, draft_store=store,
-                       tree_nodes=args.tree_nodes)
+                       tree_nodes=args.tree_nodes, tree_depth=args.tree_depth)
     print(file=sys.stderr)
     result.update(k=k, adaptive_ids=list(adaptive_ids), model=str(loaded.ref), device=loaded.device,
                   quantize=loaded.quantize, dtype=loaded.dtype, prompts=len(prompts), max_new_tokens=args.max_new_tokens,
                   source=args.source or "stdlib-held-out", draft_length=args.draft_length,
                   draft_store=store.source if store is not None else "none", draft_store_tokens=len(store) if store is not None else 0,
-                  tree_nodes=args.tree_nodes)
+                  tree_nodes=args.tree_nodes, tree_depth=args.tree_depth)
     print(format_table(result))
     print(f"identical: {result['identical']}  speedup ({result['best_mode']}): {result['speedup']:.2f}x  "
           f"tokens/pass: {result['tokens_per_pass']:.2f}  mean accepted: {result['mean_accepted']:.2f} "

@@ -37,7 +37,7 @@ from typing import Protocol
 
 import torch
 
-from .decoding import DRAFT_LENGTHS, LOOKUP_TOKENS, MODES
+from .decoding import DRAFT_LENGTHS, LOOKUP_TOKENS, MODES, TREE_DEPTH
 from .drafttree import DraftTree
 from .errors import SdsatError
 
@@ -414,6 +414,7 @@ def generate(
     lookup_tokens: int = LOOKUP_TOKENS,
     draft_store: DraftSource | None = None,
     tree_nodes: int = 0,
+    tree_depth: int = TREE_DEPTH,
 ) -> Generation:
     """Decode after `prompt_ids`.
 
@@ -439,9 +440,9 @@ def generate(
     the context) carries no adaptive blocks when there is a store: they would almost never be read.
     A pass that found nothing to retrieve carries them as before. Stats count the kinds apart.
     `tree_nodes` > 0 (greedy decoding with a store): a pass verifies a tree of up to that many
-    retrieved tokens (the store's most shared continuations, the context's draft merged in; see
-    `drafttree.py`) instead of one continuation, and counts as a lookup pass when the context had
-    a draft.
+    retrieved tokens (the store's most shared continuations, the context's draft merged in, both
+    up to `tree_depth` deep; see `drafttree.py`) instead of one continuation, and counts as a lookup
+    pass when the context had a draft.
     """
     from transformers import DynamicCache
 
@@ -523,11 +524,12 @@ def generate(
             stopper.finish_reason = "cancelled"
             break
         base = len(seq)  # position of y; the stopper's length limit keeps it inside the context
-        looked_up = lookup.follow(y, lookup_tokens) if lookup is not None else []
+        as_tree = store is not None and tree_nodes > 0 and sampling.greedy
+        looked_up = lookup.follow(y, tree_depth if as_tree else lookup_tokens) if lookup is not None else []
         from_lookup, from_store = bool(looked_up), False
         tree = None
-        if store is not None and tree_nodes > 0 and sampling.greedy:
-            tree = store.tree(seq[-STORE_CONTEXT:] + [y], lookup_tokens, tree_nodes)
+        if as_tree:
+            tree = store.tree(seq[-STORE_CONTEXT:] + [y], tree_depth, tree_nodes)
             from_store = len(tree) > 0
             if looked_up:
                 tree.add_path(looked_up)

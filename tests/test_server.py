@@ -19,6 +19,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 from pytest_lsp import ClientServerConfig
 
+from sdsat_lsp.decoding import TREE_NODES
 from sdsat_lsp.healing import heal, healed_decoder
 from sdsat_lsp.kvcache import common_prefix_len
 from sdsat_lsp.prompt import Rules, build_prompt, continuation_decoder
@@ -369,7 +370,7 @@ async def test_configuration_changes_apply(main_server):
         settings = (await main_server.stats())["settings"]
         assert settings["maxTokens"] == 64 and settings["temperature"] == 0.0 and settings["lineMode"] == "auto"
         assert settings["mode"] == "fused" and settings["kvCache"] is True
-        assert settings["draftLength"] == "adaptive" and settings["lookupNgram"] == 3 and settings["treeNodes"] == 24
+        assert settings["draftLength"] == "adaptive" and settings["lookupNgram"] == 3 and settings["treeNodes"] == TREE_NODES
         warning = main_server.client.messages[shown].message
         assert "maxTokens" in warning and "temperature" in warning and "nonsense" in warning
         assert "draftLength" in warning and "lookupNgram" in warning and "treeNodes" in warning
