@@ -70,14 +70,14 @@ def test_tree_is_the_heaviest_prefix_closed_set(rows, weights, nodes, share):
     lightest = min(weigh[p] for p in got) if got else float("inf")
     assert all(w <= lightest + 1e-9 for p, w in weigh.items() if p not in got and w >= floor - 1e-9)
     if got:  # the main path follows the heaviest child at every step
-        node, depth = 0, 0
+        node = 0
         while True:
             kids = [i + 1 for i, p in enumerate(tree.parents) if p == node]
             if not kids:
                 break
             assert kids[0] == node + 1
             assert weigh[got[kids[0] - 1]] >= max(weigh[got[k - 1]] for k in kids) - 1e-9
-            node, depth = kids[0], depth + 1
+            node = kids[0]
 
 
 def test_tree_operations():

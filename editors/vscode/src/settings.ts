@@ -9,8 +9,12 @@ import type { DocumentSelector } from 'vscode-languageclient/node';
 
 export const SECTION = 'sdsat';
 
-/** Settings the server understands, by their wire (camelCase) names. */
-const SERVER_KEYS = ['model', 'quantize', 'device', 'k', 'maxTokens', 'timeBudgetMs'] as const;
+/** Settings the server understands, by their wire (camelCase) names: every `sdsat.*` setting in
+ * package.json that is not a RESTART_KEY (tests/test_editor_settings.py holds the two lists to that). */
+const SERVER_KEYS = [
+    'model', 'quantize', 'device', 'k', 'lookupNgram', 'draftStore', 'treeNodes', 'draftLength', 'maxTokens',
+    'timeBudgetMs',
+] as const;
 
 /** Settings that need a new server process (a new command line or document selector). */
 const RESTART_KEYS = ['serverCommand', 'serverArgs', 'enabledLanguages'] as const;

@@ -1,0 +1,31 @@
+"""The VS Code extension sends the server every setting it declares: a setting in package.json
+that the extension never forwards would do nothing, silently."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from sdsat_lsp.server import Settings, _camel
+
+EXTENSION = Path(__file__).resolve().parents[1] / "editors" / "vscode"
+
+
+def _ts_list(source: str, name: str) -> list[str]:
+    match = re.search(rf"const {name} = \[(.*?)\] as const;", source, re.S)
+    assert match, f"{name} not found in settings.ts"
+    return re.findall(r"'([^']+)'", match.group(1))
+
+
+def test_every_declared_setting_reaches_the_server_or_restarts_it():
+    package = json.loads((EXTENSION / "package.json").read_text())
+    configuration = package["contributes"]["configuration"]
+    declared = {key.removeprefix("sdsat.") for key in (configuration if isinstance(configuration, dict)
+                                                       else configuration[0])["properties"]}
+    source = (EXTENSION / "src" / "settings.ts").read_text()
+    server_keys, restart_keys = _ts_list(source, "SERVER_KEYS"), _ts_list(source, "RESTART_KEYS")
+    assert set(server_keys) | set(restart_keys) == declared
+    understood = {_camel(f.name) for f in dataclasses.fields(Settings)}
+    assert set(server_keys) <= understood, set(server_keys) - understood
