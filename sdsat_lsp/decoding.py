@@ -11,9 +11,11 @@ DRAFT_LENGTHS = ("adaptive", "fixed")
 LOOKUP_NGRAM = 3
 LOOKUP_TOKENS = 8
 # Retrieved drafts verified per pass as a tree (drafttree.py) of up to TREE_NODES tokens and
-# TREE_DEPTH deep; TREE_NODES 0 = one continuation. Measured on the embedded model (bench prompts,
-# one run): 16 nodes 12 deep accepted 2.64 drafts per pass against one continuation's 2.03 at the
-# same speed on 2 CPU cores (1.73x over plain decoding), where every fed token costs; 24 nodes 8
-# deep 2.56 (1.65x); 24 nodes 16 deep 2.81 (1.67x). On a GPU extra tokens are nearly free.
+# TREE_DEPTH deep; TREE_NODES 0 = one continuation. On the embedded model, bench: 2.64 accepted
+# drafts per pass against one continuation's 2.03, at the same speed on 2 CPU cores within noise
+# (two runs: 1.62x and 1.83x against 1.79x and 1.69x), where every fed token costs; on a GPU extra
+# tokens are nearly free. Other shapes, timed with the engine on the bench's prompts in one run
+# against one continuation's 1.73x: 24 nodes 8 deep 2.56 (1.65x), 24 x 12 2.72 (1.60x), 16 x 12
+# 2.64 (1.73x).
 TREE_NODES = 16
 TREE_DEPTH = 12
