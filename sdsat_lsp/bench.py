@@ -132,7 +132,7 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
             "tokens_per_s": round(new_tokens / wall_s, 2) if wall_s else 0.0,
             "forward_passes": passes,
             "tokens_per_pass": round(new_tokens / passes, 4) if passes else 0.0,
-            "mean_accepted": round(sum(g.stats.drafts_accepted for g in gens) / verify, 4) if verify else 0.0,
+            "mean_accepted": _ratio(sum(g.stats.drafts_accepted for g in gens), verify),
             "mean_accepted_adaptive": _per_pass(
                 sum(g.stats.drafts_accepted - g.stats.lookup_accepted - g.stats.store_accepted for g in gens),
                 sum(g.stats.verify_passes - g.stats.lookup_passes - g.stats.store_passes for g in gens)),

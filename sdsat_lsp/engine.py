@@ -321,10 +321,11 @@ def _keep_path(cache, root: int, path: list[int]) -> None:
     computed at the position of its depth, which is where it lands."""
     if path == list(range(1, len(path) + 1)):
         return  # the main path, already in place
+    rows = torch.tensor([root + i for i in path])
     with torch.inference_mode():
         for layer in cache.layers:
+            source = rows.to(layer.keys.device)
             for kv in (layer.keys, layer.values):
-                source = torch.tensor([root + i for i in path], device=kv.device)
                 kv[..., root + 1:root + 1 + len(path), :] = kv.index_select(-2, source)
 
 
@@ -533,16 +534,17 @@ def generate(
             from_store = len(tree) > 0
             if looked_up:
                 tree.add_path(looked_up)
-            tree = tree.cut(ctx - base - 1) if len(tree) else None
-        if tree is None:
+        if tree is None or not len(tree):  # a chain: retrieved, looked up, or the adaptive tokens'
+            # After an empty tree too: `follow` still drafts the token most continuations begin
+            # with when none is shared widely enough for a tree node.
             retrieved = [] if from_lookup or store is None else store.follow(seq[-STORE_CONTEXT:] + [y], lookup_tokens)
             from_store = bool(retrieved)
             if from_lookup:
                 drafts = looked_up
             elif from_store:
                 drafts = retrieved
-            drafts = drafts[: max(0, ctx - base - 1)]
             tree = DraftTree.chain(drafts)
+        tree = tree.cut(ctx - base - 1)  # the model's context ends there
         verify = [y] + tree.tokens
         if mode == "ar":
             blocks = []
