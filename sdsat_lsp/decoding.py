@@ -14,7 +14,7 @@ LOOKUP_TOKENS = 8
 # TREE_DEPTH deep; TREE_NODES 0 = one continuation. On the embedded model, bench: 2.64 accepted
 # drafts per pass against one continuation's 2.03, at the same speed on 2 CPU cores within noise
 # (two runs: 1.62x and 1.83x against 1.79x and 1.69x), where every fed token costs; on a GPU extra
-# tokens are nearly free. Other shapes, timed with the engine on the bench's prompts in one run
+# tokens should be nearly free (not measured yet). Other shapes, timed with the engine on the bench's prompts in one run
 # against one continuation's 1.73x: 24 nodes 8 deep 2.56 (1.65x), 24 x 12 2.72 (1.60x), 16 x 12
 # 2.64 (1.73x).
 TREE_NODES = 16
