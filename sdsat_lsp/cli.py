@@ -60,7 +60,11 @@ TOOLS = ("bench", "train", "eval", "stress", "draft-store")
 def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdsat-lsp", description=__doc__.splitlines()[0])
     parser.add_argument("--stdio", action="store_true", help="serve LSP over stdin/stdout (the default)")
-    parser.add_argument("--tcp", metavar="HOST:PORT", help="serve LSP over TCP")
+    parser.add_argument("--tcp", metavar="HOST:PORT", help="serve LSP over TCP, loopback only, one client with the token")
+    parser.add_argument("--tcp-token", metavar="TOKEN",
+                        help="with --tcp: the token the client sends as initializationOptions.token "
+                             "(default: $SDSAT_LSP_TCP_TOKEN, which other users cannot read in the process "
+                             "list, else a new one, printed on stderr)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     parser.add_argument("--log-file", help="log here instead of stderr")
     # Server start-up settings (initializationOptions from the editor override them).

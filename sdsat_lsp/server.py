@@ -55,6 +55,7 @@ from .errors import SdsatError
 from .healing import heal, healed_decoder
 from .kvcache import KVCacheStore
 from .prompt import LINE_MODES, Completion, Rules, build_prompt, continuation_decoder
+from .tcp import new_token, parse_address, serve_tcp, token_matches
 
 log = logging.getLogger(__name__)
 _IMPORTED = time.perf_counter()
@@ -204,6 +205,8 @@ class _Protocol(LanguageServerProtocol):
     `shutdown` (InvalidRequest, as the spec says)."""
 
     exit_requested = False
+    auth_token: str | None = None  # --tcp: what initializationOptions.token must be (tcp.py)
+    authenticated: asyncio.Event | None = None  # per TCP connection, set by a valid initialize
 
     def structure_message(self, data: dict[str, Any]):
         try:
@@ -219,6 +222,8 @@ class _Protocol(LanguageServerProtocol):
             self._refuse(message.get("id") if request else None, "not a JSON-RPC 2.0 message")
             return
         method, msg_id = getattr(message, "method", None), getattr(message, "id", None)
+        if self.auth_token is not None and not self._let_in(message, method, msg_id):
+            return
         if method is not None and msg_id is not None:
             if message.jsonrpc != self.VERSION:
                 self._refuse(msg_id, f"unsupported JSON-RPC version {message.jsonrpc!r}")
@@ -232,6 +237,24 @@ class _Protocol(LanguageServerProtocol):
         if method == types.EXIT:
             self.exit_requested = True
         super().handle_message(message)
+
+    def _let_in(self, message, method, msg_id) -> bool:
+        """Over TCP nothing is served before an `initialize` that carries the token."""
+        if self.authenticated is not None and self.authenticated.is_set():
+            return True
+        if method == types.INITIALIZE:
+            options = getattr(message.params, "initialization_options", None)
+            given = options.pop("token", None) if isinstance(options, dict) else None
+            if token_matches(given, self.auth_token):
+                self.authenticated.set()
+                return True
+            self._refuse(msg_id, "wrong or missing initializationOptions.token (the server printed it at start)")
+            self.writer.close()
+            return False
+        if method is not None and msg_id is not None:
+            self._send_data({"jsonrpc": self.VERSION, "id": msg_id, "error": {
+                "code": -32002, "message": "Server not initialized: send initialize with the token first"}})
+        return False
 
     def _refuse(self, msg_id, reason: str) -> None:
         log.warning("invalid request (id %r): %s", msg_id, reason)
@@ -819,10 +842,9 @@ def serve(args) -> int:
     if getattr(args, "verbose", 0) < 2:
         logging.getLogger("pygls").setLevel(logging.WARNING)  # it logs every message at INFO
     if getattr(args, "tcp", None):
-        host, _, port = args.tcp.rpartition(":")
-        if not port.isdigit():
-            raise SdsatError(f"--tcp wants HOST:PORT, got {args.tcp!r}")
-        server.start_tcp(host or "127.0.0.1", int(port))  # `exit` ends the process from inside
+        host, port = parse_address(args.tcp)
+        token = getattr(args, "tcp_token", None) or os.environ.get("SDSAT_LSP_TCP_TOKEN") or new_token()
+        serve_tcp(server, host, port, token)  # `exit` ends the process
         return 0
     server.start_io(_LenientStdin(sys.stdin.buffer), sys.stdout.buffer)
     return _exit_now(server)
