@@ -78,6 +78,14 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
         _eval_parser(sub)
         _stress_parser(sub)
         _draft_store_parser(sub)
+    for p in (parser, *sub.choices.values()):  # before or after the tool's name
+        # SUPPRESS: a tool's parser must not reset what was given before its name.
+        default = None if p is parser else argparse.SUPPRESS
+        p.add_argument("--allow-download", action="store_true", default=False if p is parser else default,
+                       help="let a hub id that is not in the local cache be downloaded (size checked first); "
+                            "without it nothing is fetched from the network")
+        p.add_argument("--max-download-gb", type=float, default=20.0 if p is parser else default,
+                       help="with --allow-download: the most one model may download (default 20)")
     return parser
 
 
@@ -96,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(tools=not serving)
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.log_file)
+    if args.allow_download:  # read by model.resolve_folder, here and in servers this process starts
+        os.environ["SDSAT_LSP_DOWNLOAD_CAP_BYTES"] = str(int(args.max_download_gb * 2**30))
     try:
         if args.command is None:
             from .server import serve  # the server module owns start-up and transports

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .errors import SdsatError
+
 IGNORE = -100
 log = logging.getLogger(__name__)
 
@@ -289,7 +291,7 @@ def _new_model(args, out: Path):
     if tok_dir.exists():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
     else:
         tokenizer = train_tokenizer(vocab_size=args.vocab_size, max_files=10**6, source=args.source)
         tokenizer.save_pretrained(tok_dir)
@@ -377,6 +379,18 @@ def _save_checkpoint(path: Path, model, opt, sched, step: int, rng: random.Rando
     tmp.replace(path)  # atomic: a kill mid-save leaves the previous checkpoint intact
 
 
+def load_checkpoint(path: Path, device) -> dict:
+    """A training checkpoint, read without running pickled code (weights_only: tensors, numbers,
+    strings and containers only), so a checkpoint file from elsewhere cannot run anything."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True, map_location=device)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise SdsatError(f"{path} is not a checkpoint of tensors and plain values; refusing it "
+                         f"(delete it to start over): {str(exc).splitlines()[0]}") from exc
+
+
 def run_training(args) -> dict:
     from tqdm import tqdm
 
@@ -426,7 +440,7 @@ def run_training(args) -> dict:
     budget_settled = not args.time_budget  # once the budget has set the step count, it stays
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False, map_location=device)
+        state = load_checkpoint(ckpt, device)
         named = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in state["trainable"].items():
