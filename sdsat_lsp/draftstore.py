@@ -186,7 +186,9 @@ def draft_tree(parts: Sequence[tuple[np.ndarray, float]], nodes: int, vocab_size
     # from the one before it in any column so far), so each prefix is counted with one reduceat.
     order = np.lexsort(rows.T[::-1])
     rows, weights = rows[order], weights[order]
-    floor = min_share * weights.sum()
+    # "Lighter than a share" in exact arithmetic: a prefix weighing exactly the share (3 of 30 rows)
+    # is kept, although 0.1 * 30 rounds to just above 3 in floats.
+    floor = min_share * weights.sum() * (1 - 1e-9)
     starts_run = np.zeros(len(rows), dtype=bool)
     starts_run[0] = True
     prefix_of_row = np.zeros(len(rows), dtype=np.int64)  # id of each row's prefix so far (0: empty)

@@ -9,6 +9,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+from hypothesis import settings as hypothesis_settings
+
+# Property tests draw the same examples on every run (a fixed seed per test, no example database),
+# so a run fails or passes on the code alone. `--hypothesis-seed N` draws other examples: under it
+# the "seeded" profile is loaded instead, because a derandomized test ignores the forced seed.
+hypothesis_settings.register_profile("derandomized", derandomize=True, database=None)
+hypothesis_settings.register_profile("seeded", derandomize=False, database=None)
+hypothesis_settings.load_profile("derandomized")
+
+
+def pytest_configure(config):
+    if config.getoption("--hypothesis-seed", None) is not None and not config.getoption("--hypothesis-profile", None):
+        hypothesis_settings.load_profile("seeded")
 
 
 @pytest.fixture(scope="session")
