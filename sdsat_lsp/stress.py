@@ -1015,24 +1015,16 @@ def _items(reply: dict) -> list[str] | str:
 
 
 def reference_completion(loaded, settings, text: str, offset: int, keep: str | None = None) -> tuple[list[str], str]:
-    """What the server should answer for a fresh greedy request: its prompt (the server's own
-    `request_prompt`) decoded by plain AR decoding with the same model; (items' texts, window head)."""
-    from .engine import generate
-    from .healing import heal, healed_decoder
-    from .prompt import Rules, continuation_decoder
-    from .server import request_prompt
+    """What the server should answer for a fresh greedy request: the server's own completion
+    pipeline (completion.py), decoded by plain AR decoding with the same model; (items' texts,
+    window head)."""
+    import dataclasses
 
-    prompt, _, _ = request_prompt(loaded, settings, text, offset, keep=keep)
-    rules = Rules(prompt.context)
-    # Token healing as the server applies it (when its settings have it on).
-    healing = heal(loaded.tokenizer, prompt.ids) if getattr(settings, "token_healing", False) else None
-    ids = healing.ids if healing is not None else prompt.ids
-    decode = healed_decoder(continuation_decoder(loaded.tokenizer, ids), healing)
-    gen = generate(loaded.model, ids, mode="ar", max_new_tokens=settings.max_tokens, decode=decode,
-                   should_stop=lambda tokens: rules.should_stop(decode(tokens)),
-                   first_token_ids=healing.first_token_ids if healing is not None else None)
-    done = rules.finish(decode(gen.tokens))
-    return ([done.text] if done is not None else []), prompt.window_head
+    from .completion import complete
+
+    greedy = dataclasses.replace(settings, temperature=0.0)
+    done = complete(loaded, greedy, text, offset, keep=keep, mode="ar")
+    return ([done.completion.text] if done.completion is not None else []), done.prompt.window_head
 
 
 def check_identity(final: dict) -> dict:
@@ -1041,7 +1033,7 @@ def check_identity(final: dict) -> dict:
     import torch
 
     from .embedded import resolve_model
-    from .server import Settings, parse_settings
+    from .settings import Settings, parse_settings
 
     settings, problems = parse_settings(final["settings"], Settings())
     if problems:

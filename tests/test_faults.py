@@ -86,7 +86,7 @@ def reference(tiny_model_dir):
     import torch
 
     from sdsat_lsp.model import load_model
-    from sdsat_lsp.server import Settings, parse_settings
+    from sdsat_lsp.settings import Settings, parse_settings
 
     loaded = load_model(tiny_model_dir, quantize="none")
 
