@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from .server import _plain
+from .jsonrpc import plain
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ async def _run_once(path: Path, settings: dict, server_cmd: list[str], timeout: 
 
     @client.feature("sdsat/status")
     def on_status(params):
-        statuses.append(_plain(params))
+        statuses.append(plain(params))
 
     await client.start_io(*server_cmd)
     # pygls pipes the server's stderr and never reads it: drain it, or a chatty server blocks.
@@ -123,7 +123,7 @@ async def _run_once(path: Path, settings: dict, server_cmd: list[str], timeout: 
                 text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(row, col),
                 context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic)))
             latencies.append((time.perf_counter() - started) * 1e3)
-    report = _plain(await client.protocol.send_request_async("sdsat/stats", {"uri": uri, "last": 100_000}))
+    report = plain(await client.protocol.send_request_async("sdsat/stats", {"uri": uri, "last": 100_000}))
     await client.shutdown_async(None)
     client.exit(None)
     await client.stop()
