@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from sdsat_lsp.draftstore import DraftStore, TieredStore, draft_tree
 from sdsat_lsp.drafttree import DraftTree
-from sdsat_lsp.engine import _tree_mask, forward, generate
+from sdsat_lsp.engine import generate
+from sdsat_lsp.passes import forward, tree_mask
 from sdsat_lsp.growable_cache import GrowableCache
 
 V = 10  # vocabulary of the hand-made rows; 10 is the padding
@@ -114,7 +115,7 @@ def test_one_tree_pass_computes_what_plain_passes_compute(sdsat_micro, code_prom
     base = len(prompt) - 1
     ids = [prompt[-1]] + tree.tokens
     positions = [base] + [base + d for d in tree.depths()]
-    mask = _tree_mask(base, tree.parents, model.dtype, model.device)
+    mask = tree_mask(base, tree.parents, model.dtype, model.device)
     logits = forward(model, cache, ids, positions, mask)
     for index, path in enumerate([()] + paths(tree)):
         plain = forward(model, GrowableCache(config=model.config), prompt + list(path), range(len(prompt) + len(path)))
