@@ -16,7 +16,7 @@ from .errors import SdsatError
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="compare autoregressive and SDSAT decoding on real code")
-    from . import bench
+    from .tools import bench
 
     bench.add_arguments(p)
     p.set_defaults(run=bench.main)
@@ -24,7 +24,7 @@ def _bench_parser(sub) -> None:
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="SDSAT fine-tuning (or training from scratch) with checkpoints and resume")
-    from . import train
+    from .training import train
 
     train.add_arguments(p)
     p.set_defaults(run=train.main)
@@ -32,7 +32,7 @@ def _train_parser(sub) -> None:
 
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="completion quality on held-out code (exact match, edit similarity)")
-    from . import evaluate
+    from .tools import evaluate
 
     evaluate.add_arguments(p)
     p.set_defaults(run=evaluate.main)
@@ -40,7 +40,7 @@ def _eval_parser(sub) -> None:
 
 def _stress_parser(sub) -> None:
     p = sub.add_parser("stress", help="drive the server over stdio with valid and hostile traffic; nothing may be lost")
-    from . import stress
+    from .tools import stress
 
     stress.add_arguments(p)
     p.set_defaults(run=stress.main)

@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from sdsat_lsp.stress import Connection, Mirror, Tally, _wait_state, reference_completion
+from sdsat_lsp.tools.stress import Connection, Mirror, Tally, _wait_state, reference_completion
 
 from documents import WALK_MODULE as DOC  # tests/documents.py
 

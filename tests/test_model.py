@@ -32,7 +32,7 @@ def tiny_dir(tmp_path_factory):
     """A random tiny Llama saved as a model folder (safetensors, tokenizer, sdsat.json with k=3).
     init_std 0.2 gives peaked logits and large activations: the case where an int8 scale shared
     across a pass's tokens changes greedy choices."""
-    from sdsat_lsp.tinymodel import build_tiny_model, save_tiny, train_tokenizer
+    from sdsat_lsp.training.tinymodel import build_tiny_model, save_tiny, train_tokenizer
 
     tok = train_tokenizer(vocab_size=512, max_files=30)
     model = build_tiny_model(tok, seed=0, init_std=0.2)

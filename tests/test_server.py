@@ -528,7 +528,7 @@ async def test_editor_session_replay_rebuilds_the_file():
     import sysconfig
     from pathlib import Path
 
-    from sdsat_lsp.session_bench import session_steps
+    from sdsat_lsp.tools.session_bench import session_steps
 
     text = (Path(sysconfig.get_paths()["stdlib"]) / "bisect.py").read_text()
     doc: list[str] = []

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SdsatError
+from ..errors import SdsatError
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def block_after(lines: list[str], opener: int, max_lines: int = 8) -> list[str]:
 
 def cut_samples(n_line: int, n_block: int, source=None, seed: int = 0, max_chars: int = 1500) -> list[Sample]:
     """Seeded samples from held-out files (or every file under `source`)."""
-    from .corpus import python_files, read_text, split_files
+    from ..corpus import python_files, read_text, split_files
 
     files = python_files(source) if source else split_files()[2]
     rng = random.Random(seed)
@@ -110,7 +110,7 @@ def complete(loaded, sample: Sample, k: int, adaptive_ids: list[int], max_new_to
              token_healing: bool = True) -> str:
     """The model's completion for `sample`, cut where an editor would cut it: the completion core's
     healing and decoding steps (completion.py), on the sample's text as the prompt."""
-    from .completion import decode, heal_prompt
+    from ..completion import decode, heal_prompt
 
     tokenizer = loaded.tokenizer
     mode = "fused" if adaptive_ids else "ar"  # a plain model is evaluated too (the "before" figure)
@@ -175,7 +175,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from .embedded import resolve_model
+    from ..embedded import resolve_model
 
     if args.samples < 0 or args.block_samples < 0 or args.samples + args.block_samples == 0:
         raise SdsatError("--samples and --block-samples must be non-negative, and not both zero")

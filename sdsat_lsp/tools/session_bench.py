@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from .jsonrpc import plain
+from ..jsonrpc import plain
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def run_editor_session(file: str | Path, *, model: str | None = None, settings: 
     return result
 
 
-if __name__ == "__main__":  # python -m sdsat_lsp.session_bench FILE [MODEL] [settings-json]
+if __name__ == "__main__":  # python -m sdsat_lsp.tools.session_bench FILE [MODEL] [settings-json]
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     out = run_editor_session(sys.argv[1], model=sys.argv[2] if len(sys.argv) > 2 else None,
                              settings=json.loads(sys.argv[3]) if len(sys.argv) > 3 else None)

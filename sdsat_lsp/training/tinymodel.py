@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .corpus import python_files, read_text
+from ..corpus import python_files, read_text
 
 SPECIAL_TOKENS = {
     "bos_token": "<s>",
@@ -88,7 +88,7 @@ def build_tiny_model(tokenizer, seed: int = 0, init_std: float = 0.02, **config_
 def save_tiny(model, tokenizer, folder: str | Path, k: int = 5, fim: bool = True) -> Path:
     """Save weights (safetensors), tokenizer and the SDSAT model card beside them. `fim=False` for a
     model that was not trained to infill, so a server never builds FIM prompts for it."""
-    from .modelcard import ModelCard, write_model_card
+    from ..modelcard import ModelCard, write_model_card
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,7 @@ def train_micro(seed: int = 0, steps: int = 300, files: int = 10):
     the SDSAT recipe on `files` standard-library files. Small enough to learn its corpus well, so its
     drafts are often accepted; it is a test and demo model, not a useful code model.
     Returns (model, tokenizer, token stream)."""
-    from .corpus import python_files, token_stream
+    from ..corpus import python_files, token_stream
     from .train import train_steps
 
     tokenizer = train_tokenizer(vocab_size=512, max_files=60)

@@ -264,7 +264,7 @@ def add_arguments(p) -> None:
 
 def _prepare_data(args, out: Path, tokenizer):
     """Token streams for training and held-out files, cached in `out` (tokenizing takes a while)."""
-    from .corpus import file_list_hash, split_files, token_stream
+    from ..corpus import file_list_hash, split_files, token_stream
 
     cache = out / "data.pt"
     if cache.exists():
@@ -298,7 +298,7 @@ def _new_model(args, out: Path):
 
 
 def _pretrained_model(args):
-    from .model import load_model
+    from ..model import load_model
     from .tinymodel import ADAPTIVE_TOKEN
 
     loaded = load_model(args.init, quantize="none", dtype="float32")
@@ -343,7 +343,7 @@ def heldout_real_loss(model, held: torch.Tensor, seq_len: int, windows: int = 32
 def acceptance_by_k(model, held: torch.Tensor, adaptive_ids: list[int], max_k: int, prompts: int = 20,
                     max_new_tokens: int = 48, prompt_len: int = 192) -> dict[int, float]:
     """Mean accepted drafts per verifying pass (fused mode) on held-out prompts, for k = 1..max_k."""
-    from .engine import generate
+    from ..engine import generate
 
     rng = random.Random(1)
     starts = [rng.randrange(0, len(held) - prompt_len - 1) for _ in range(prompts)]
@@ -380,7 +380,7 @@ def _save_checkpoint(path: Path, model, opt, sched, step: int, rng: random.Rando
 def run_training(args) -> dict:
     from tqdm import tqdm
 
-    from .errors import SdsatError
+    from ..errors import SdsatError
 
     for flag, value in (("--steps", args.steps), ("--time-budget", args.time_budget), ("--warmup", args.warmup)):
         if value is not None and value <= 0:
@@ -499,7 +499,7 @@ def run_training(args) -> dict:
 
 
 def _save_final(model, tokenizer, adaptive_ids, args, folder: Path, peft_mode: str) -> None:
-    from .modelcard import ModelCard, write_model_card
+    from ..modelcard import ModelCard, write_model_card
 
     folder.mkdir(parents=True, exist_ok=True)
     if peft_mode == "lora":
@@ -509,7 +509,7 @@ def _save_final(model, tokenizer, adaptive_ids, args, folder: Path, peft_mode: s
     tokenizer.save_pretrained(folder)
     # FIM ids are written only for a model that already infills (its own card says so): this recipe
     # does not train infilling, and a server would otherwise build prompts the model never saw.
-    from .modelcard import read_model_card
+    from ..modelcard import read_model_card
 
     init_card = read_model_card(args.init) if args.init else None
     fim = dict(init_card.fim) if init_card else {}

@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from .decoding import LOOKUP_NGRAM, TREE_DEPTH, TREE_NODES
-from .errors import SdsatError
+from ..decoding import LOOKUP_NGRAM, TREE_DEPTH, TREE_NODES
+from ..errors import SdsatError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
               with_hf: bool = True, progress=None, draft_length: str = "adaptive", draft_store=None,
               tree_nodes: int = TREE_NODES, tree_depth: int = TREE_DEPTH) -> dict:
     """Decode every prompt with every mode; return the figures (see `main` for the keys)."""
-    from .engine import generate
+    from ..engine import generate
 
     model = loaded.model
     sdsat_modes = tuple(m for m in SDSAT_MODES if draft_store is not None or not ENGINE_MODES[m][2])
@@ -220,7 +220,7 @@ def _editor_session(args) -> int:
 
 
 def _draft_store(choice: str, loaded):
-    from .draftstore import open_store, store_choice
+    from ..draftstore import open_store, store_choice
 
     choice = store_choice(choice, loaded.card)
     if choice is None:
@@ -230,8 +230,8 @@ def _draft_store(choice: str, loaded):
 
 
 def main(args) -> int:
-    from .corpus import cut_prompts, split_files
-    from .embedded import resolve_model
+    from ..corpus import cut_prompts, split_files
+    from ..embedded import resolve_model
 
     if args.editor_session:
         return _editor_session(args)
@@ -248,7 +248,7 @@ def main(args) -> int:
                            adaptive_ids=args.adaptive_ids, k=args.k)
     k = args.k or loaded.card.k
     adaptive_ids = args.adaptive_ids or loaded.card.adaptive_ids
-    from .engine import check_settings, context_length
+    from ..engine import check_settings, context_length
 
     check_settings(loaded.model, k, adaptive_ids, "fused")
     # Drafts are easy on text a model memorized; the default measures code no model we train has seen.

@@ -46,7 +46,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SdsatError
+from ..errors import SdsatError
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ class Connection:
 
 
 def _code_texts(rng: random.Random, n: int, max_chars: int = 40_000) -> list[str]:
-    from .corpus import python_files, read_text
+    from ..corpus import python_files, read_text
 
     files = python_files()
     texts: list[str] = []
@@ -748,7 +748,7 @@ def _range(l1, c1, l2, c2) -> dict:
 def final_cases() -> list[tuple[str, int]]:
     """The fixed prompts of the identity check: (text, cursor offset); real code cut at fixed
     places, and the awkward characters of the storm before the cursor."""
-    from .corpus import cut_prompts
+    from ..corpus import cut_prompts
 
     cases = [(p.text, len(p.text)) for p in cut_prompts(5, seed=1234, max_chars=1200)]
     middle = cases[0][0]
@@ -1020,7 +1020,7 @@ def reference_completion(loaded, settings, text: str, offset: int, keep: str | N
     window head)."""
     import dataclasses
 
-    from .completion import complete
+    from ..completion import complete
 
     greedy = dataclasses.replace(settings, temperature=0.0)
     done = complete(loaded, greedy, text, offset, keep=keep, mode="ar")
@@ -1032,8 +1032,8 @@ def check_identity(final: dict) -> dict:
     the prompt-building code the server uses, and compare with what the server answered."""
     import torch
 
-    from .embedded import resolve_model
-    from .settings import Settings, parse_settings
+    from ..embedded import resolve_model
+    from ..settings import Settings, parse_settings
 
     settings, problems = parse_settings(final["settings"], Settings())
     if problems:
