@@ -29,7 +29,7 @@ def micro_bundle():
     """(model, tokenizer, token stream) from `tinymodel.train_micro`: a micro Llama (GQA) trained
     ~15 s with the SDSAT recipe on 10 standard-library files, so that its drafts are often accepted
     and identity tests exercise acceptance, EOS and limits inside accepted drafts."""
-    from sdsat_lsp.training.tinymodel import train_micro
+    from sdsat_lsp.training.micro import train_micro
 
     return train_micro()
 
