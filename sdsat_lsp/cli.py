@@ -48,10 +48,10 @@ def _stress_parser(sub) -> None:
 
 def _draft_store_parser(sub) -> None:
     p = sub.add_parser("draft-store", help="build a model's draft store (retrieval drafts) ahead of time; cached")
-    from . import draftstore
+    from .tools import distill
 
-    draftstore.add_arguments(p)
-    p.set_defaults(run=draftstore.main)
+    distill.add_arguments(p)
+    p.set_defaults(run=distill.main)
 
 
 TOOLS = ("bench", "train", "eval", "stress", "draft-store")

