@@ -34,7 +34,7 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.ti
 # Bytes per weight of a quantized matrix: NF4 packs 2 per byte plus one fp32 absmax per 64.
 _QUANT_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0 + 4 / 64, "dynamic-int8": 1.0, "dynamic-fp16": 2.0}
 # Room for activations, the KV cache of a few documents and the allocator.
-_HEADROOM = 1.15
+HEADROOM = 1.15
 _HEADROOM_BYTES = 256 << 20
 
 @dataclass
@@ -188,7 +188,7 @@ def estimate_load_bytes(folder: Path, quantize: str, dtype: str) -> int:
             total += count * _QUANT_BYTES[quantize]
         else:
             total += count * dtype_bytes
-    return int(total * _HEADROOM) + _HEADROOM_BYTES
+    return int(total * HEADROOM) + _HEADROOM_BYTES
 
 
 def available_memory(device: str) -> int:

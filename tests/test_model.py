@@ -16,7 +16,7 @@ from torch import nn
 from sdsat_lsp import model as model_module
 from sdsat_lsp.engine import generate
 from sdsat_lsp.errors import SdsatError
-from sdsat_lsp.model import _HEADROOM as _HEADROOM_FACTOR
+from sdsat_lsp.model import HEADROOM
 from sdsat_lsp.model import QUANTIZATIONS, estimate_load_bytes, load_model, resolve_device
 from sdsat_lsp.quantize import RowwiseInt8Linear
 from sdsat_lsp.tools.gguf import convert_gguf_to_safetensors, smollm2_gguf_path
@@ -190,7 +190,7 @@ def test_memory_estimate_follows_quantization(tiny_dir):
     assert fp32 > weights
     # Embeddings and lm_head stay unquantized: for this tiny model NF4 is not below bf16.
     assert bf16 < fp32 and nf4 < fp32
-    assert fp32 - bf16 > weights / 2 * _HEADROOM_FACTOR * 0.99
+    assert fp32 - bf16 > weights / 2 * HEADROOM * 0.99
     for dynamic in ("dynamic-int8", "dynamic-fp16"):
         assert estimate_load_bytes(tiny_dir, dynamic, "float32") == fp32  # loaded in fp32 first
 
