@@ -7,6 +7,7 @@ where a user-facing `SdsatError` becomes a message and a non-zero exit instead o
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -14,44 +15,22 @@ import sys
 from .errors import SdsatError
 
 
-def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="compare autoregressive and SDSAT decoding on real code")
-    from .tools import bench
-
-    bench.add_arguments(p)
-    p.set_defaults(run=bench.main)
-
-
-def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="SDSAT fine-tuning (or training from scratch) with checkpoints and resume")
-    from .training import train
-
-    train.add_arguments(p)
-    p.set_defaults(run=train.main)
+# Each tool: its module (imported only when the tools' parser is built) and its help line.
+TOOL_MODULES = {
+    "bench": (".tools.bench", "compare autoregressive and SDSAT decoding on real code"),
+    "train": (".training.train", "SDSAT fine-tuning (or training from scratch) with checkpoints and resume"),
+    "eval": (".tools.evaluate", "completion quality on held-out code (exact match, edit similarity)"),
+    "stress": (".tools.stress", "drive the server over stdio with valid and hostile traffic; nothing may be lost"),
+    "draft-store": (".tools.distill", "build a model's draft store (retrieval drafts) ahead of time; cached"),
+}
 
 
-def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="completion quality on held-out code (exact match, edit similarity)")
-    from .tools import evaluate
-
-    evaluate.add_arguments(p)
-    p.set_defaults(run=evaluate.main)
-
-
-def _stress_parser(sub) -> None:
-    p = sub.add_parser("stress", help="drive the server over stdio with valid and hostile traffic; nothing may be lost")
-    from .tools import stress
-
-    stress.add_arguments(p)
-    p.set_defaults(run=stress.main)
-
-
-def _draft_store_parser(sub) -> None:
-    p = sub.add_parser("draft-store", help="build a model's draft store (retrieval drafts) ahead of time; cached")
-    from .tools import distill
-
-    distill.add_arguments(p)
-    p.set_defaults(run=distill.main)
+def _tool_parser(sub, name: str) -> None:
+    module_name, help_line = TOOL_MODULES[name]
+    p = sub.add_parser(name, help=help_line)
+    module = importlib.import_module(module_name, __package__)
+    module.add_arguments(p)
+    p.set_defaults(run=module.main)
 
 
 TOOLS = ("bench", "train", "eval", "stress", "draft-store")
@@ -69,11 +48,8 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--device", help="server: auto | cpu | cuda | cuda:N")
     sub = parser.add_subparsers(dest="command")
     if tools:
-        _bench_parser(sub)
-        _train_parser(sub)
-        _eval_parser(sub)
-        _stress_parser(sub)
-        _draft_store_parser(sub)
+        for name in TOOLS:
+            _tool_parser(sub, name)
     return parser
 
 
