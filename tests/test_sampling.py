@@ -9,7 +9,8 @@ from collections import Counter
 import pytest
 import torch
 
-from sdsat_lsp.engine import Sampling, _draw, generate, logits_to_probs
+from sdsat_lsp.engine import generate
+from sdsat_lsp.sampling import Sampling, draw, logits_to_probs
 
 VOCAB = 10
 ADAPTIVE = VOCAB - 1
@@ -68,9 +69,9 @@ def sample_pairs(model, sampling_for_seed, mode="fused", accept_rule=None) -> Co
 def biased_reference_rule(probs, draft, generator):
     """The reference's rule: accept when a fresh sample equals the draft, otherwise emit another,
     independent sample. P(draft) becomes p + (1 - p) p: biased toward drafts."""
-    if _draw(probs, generator) == draft:
+    if draw(probs, generator) == draft:
         return None
-    return _draw(probs, generator)
+    return draw(probs, generator)
 
 
 SETTINGS = {

@@ -20,9 +20,9 @@ from pygls.exceptions import JsonRpcException
 from pytest_lsp import ClientServerConfig
 
 from sdsat_lsp.decoding import TREE_NODES
-from sdsat_lsp.healing import heal, healed_decoder
+from sdsat_lsp.healing import heal
 from sdsat_lsp.kvcache import common_prefix_len
-from sdsat_lsp.prompt import Rules, build_prompt, continuation_decoder
+from sdsat_lsp.prompt import build_prompt
 
 from documents import WALK_MODULE as DOC  # tests/documents.py
 
@@ -159,31 +159,32 @@ async def main_server(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_lm):
-    """What the server should answer: the prompt module's prompt, decoded with plain greedy
-    decoding (AR, not SDSAT) by the in-process copy of the same model."""
+def reference(tiny_lm, tiny_model_dir):
+    """What the server should answer: the completion core (the server's own pipeline) decoding with
+    plain greedy decoding (AR, not SDSAT) by the in-process copy of the same model; returns (the
+    prompt the model was given, the completion, the generation)."""
+    from types import SimpleNamespace
+
     import torch
 
-    from sdsat_lsp.engine import generate
+    from sdsat_lsp.completion import complete as complete_at
+    from sdsat_lsp.modelcard import read_model_card
+    from sdsat_lsp.settings import Settings, parse_settings
 
     model, tokenizer, _ = tiny_lm
-    fim = {"prefix": 5, "middle": 6, "suffix": 7}
+    loaded = SimpleNamespace(model=model, tokenizer=tokenizer, card=read_model_card(tiny_model_dir))
+    base, problems = parse_settings(BASE_OPTIONS, Settings())
+    assert not problems
 
     def complete(text: str, offset: int, max_tokens: int = MAX_TOKENS, line_mode: str = "auto"):
-        p = build_prompt(text, offset, tokenizer, max_tokens=256, max_suffix_tokens=128, fim_ids=fim, line_mode=line_mode)
-        rules = Rules(p.context)
-        healing = heal(tokenizer, p.ids)
-        p = dataclasses.replace(p, ids=healing.ids if healing else p.ids)  # what the model is given
-        decode = healed_decoder(continuation_decoder(tokenizer, p.ids), healing)
+        settings = dataclasses.replace(base, max_tokens=max_tokens, line_mode=line_mode)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            gen = generate(model, p.ids, mode="ar", max_new_tokens=max_tokens, decode=decode,
-                           should_stop=lambda t: rules.should_stop(decode(t)),
-                           first_token_ids=healing.first_token_ids if healing else None)
+            result = complete_at(loaded, settings, text, offset, mode="ar")
         finally:
             torch.set_num_threads(threads)
-        return p, rules.finish(decode(gen.tokens)), gen
+        return result.model_prompt, result.completion, result.generation
 
     return complete
 
@@ -527,7 +528,7 @@ async def test_editor_session_replay_rebuilds_the_file():
     import sysconfig
     from pathlib import Path
 
-    from sdsat_lsp.session_bench import session_steps
+    from sdsat_lsp.tools.session_bench import session_steps
 
     text = (Path(sysconfig.get_paths()["stdlib"]) / "bisect.py").read_text()
     doc: list[str] = []

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdsat_lsp.engine import generate
-from sdsat_lsp.train import (acceptance_by_k, add_arguments, greedy_block_targets, make_sdsat_batch, run_training,
+from sdsat_lsp.training.train import (acceptance_by_k, add_arguments, greedy_block_targets, make_sdsat_batch, run_training,
                               sample_anchors, train_steps)
 
 
@@ -52,7 +52,7 @@ def test_greedy_block_targets_are_the_models_own_greedy_continuation(sdsat_micro
 
 
 def _fresh_micro(tokenizer):
-    from sdsat_lsp.tinymodel import build_tiny_model
+    from sdsat_lsp.training.tinymodel import build_tiny_model
 
     return build_tiny_model(tokenizer, seed=0)
 

@@ -91,7 +91,7 @@ def test_the_command_line_opt_in_reaches_the_loader():
 def test_a_model_folders_own_code_never_runs(tmp_path):
     """A config whose auto_map points at Python shipped beside the weights: the built-in class is
     used and that file is never imported (trust_remote_code=False)."""
-    from sdsat_lsp.tinymodel import build_tiny_model, save_tiny, train_tokenizer
+    from sdsat_lsp.training.tinymodel import build_tiny_model, save_tiny, train_tokenizer
 
     tokenizer = train_tokenizer(vocab_size=512, max_files=5)
     folder = save_tiny(build_tiny_model(tokenizer, seed=0), tokenizer, tmp_path / "model", k=2)
@@ -115,7 +115,7 @@ class _Payload:
 
 
 def test_a_training_checkpoint_cannot_run_code(tmp_path):
-    from sdsat_lsp.train import load_checkpoint
+    from sdsat_lsp.training.train import load_checkpoint
 
     marker = tmp_path / "ran"
     checkpoint = tmp_path / "checkpoint.pt"

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SdsatError
+from ..errors import SdsatError
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def block_after(lines: list[str], opener: int, max_lines: int = 8) -> list[str]:
 
 def cut_samples(n_line: int, n_block: int, source=None, seed: int = 0, max_chars: int = 1500) -> list[Sample]:
     """Seeded samples from held-out files (or every file under `source`)."""
-    from .corpus import python_files, read_text, split_files
+    from ..corpus import python_files, read_text, split_files
 
     files = python_files(source) if source else split_files()[2]
     rng = random.Random(seed)
@@ -108,33 +108,26 @@ def cut_samples(n_line: int, n_block: int, source=None, seed: int = 0, max_chars
 
 def complete(loaded, sample: Sample, k: int, adaptive_ids: list[int], max_new_tokens: int,
              token_healing: bool = True) -> str:
-    """The model's completion for `sample`, cut where an editor would cut it."""
-    from .engine import generate
-    from .healing import heal, healed_decoder
-    from .prompt import continuation_decoder
+    """The model's completion for `sample`, cut where an editor would cut it: the completion core's
+    healing and decoding steps (completion.py), on the sample's text as the prompt."""
+    from ..completion import decode, heal_prompt
 
     tokenizer = loaded.tokenizer
-    prompt_ids = tokenizer(sample.prompt)["input_ids"]
     mode = "fused" if adaptive_ids else "ar"  # a plain model is evaluated too (the "before" figure)
-    healing = heal(tokenizer, prompt_ids) if token_healing else None
-    if healing is not None:
-        prompt_ids = healing.ids
-    # Decoded after the prompt's last tokens: SentencePiece drops a leading space at a decode's start.
-    decode = healed_decoder(continuation_decoder(tokenizer, prompt_ids), healing)
-    options = dict(mode=mode, k=k, adaptive_ids=adaptive_ids, decode=decode,
-                   first_token_ids=healing.first_token_ids if healing else None)
+    prompt = heal_prompt(tokenizer, tokenizer(sample.prompt)["input_ids"], token_healing)
+    options = dict(mode=mode, k=k, adaptive_ids=adaptive_ids)
 
     if sample.task == "line":
-        out = generate(loaded.model, prompt_ids, max_new_tokens=max_new_tokens, stop_strings=["\n"], **options)
-        return decode(out.tokens).split("\n", 1)[0].rstrip()
+        out = decode(loaded.model, prompt, max_new_tokens=max_new_tokens, stop_strings=["\n"], **options)
+        return prompt.decode(out.tokens).split("\n", 1)[0].rstrip()
     opener_indent = _indent(sample.prompt.rstrip("\n").rsplit("\n", 1)[-1])
 
     def dedented(ids) -> bool:
-        lines = decode(ids).split("\n")
+        lines = prompt.decode(ids).split("\n")
         return any(line.strip() and _indent(line) <= opener_indent for line in lines[:-1])
 
-    out = generate(loaded.model, prompt_ids, max_new_tokens=4 * max_new_tokens, should_stop=dedented, **options)
-    lines = decode(out.tokens).split("\n")
+    out = decode(loaded.model, prompt, max_new_tokens=4 * max_new_tokens, should_stop=dedented, **options)
+    lines = prompt.decode(out.tokens).split("\n")
     if out.finish_reason != "stop":
         lines = lines[:-1] if len(lines) > 1 else lines
     block = block_after([" " * opener_indent + "x:"] + lines, 0)
@@ -182,7 +175,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from .embedded import resolve_model
+    from ..embedded import resolve_model
 
     if args.samples < 0 or args.block_samples < 0 or args.samples + args.block_samples == 0:
         raise SdsatError("--samples and --block-samples must be non-negative, and not both zero")

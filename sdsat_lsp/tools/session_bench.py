@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from .server import _plain
+from ..jsonrpc import plain
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ async def _run_once(path: Path, settings: dict, server_cmd: list[str], timeout: 
 
     @client.feature("sdsat/status")
     def on_status(params):
-        statuses.append(_plain(params))
+        statuses.append(plain(params))
 
     await client.start_io(*server_cmd)
     # pygls pipes the server's stderr and never reads it: drain it, or a chatty server blocks.
@@ -123,7 +123,7 @@ async def _run_once(path: Path, settings: dict, server_cmd: list[str], timeout: 
                 text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(row, col),
                 context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic)))
             latencies.append((time.perf_counter() - started) * 1e3)
-    report = _plain(await client.protocol.send_request_async("sdsat/stats", {"uri": uri, "last": 100_000}))
+    report = plain(await client.protocol.send_request_async("sdsat/stats", {"uri": uri, "last": 100_000}))
     await client.shutdown_async(None)
     client.exit(None)
     await client.stop()
@@ -168,7 +168,7 @@ def run_editor_session(file: str | Path, *, model: str | None = None, settings: 
     return result
 
 
-if __name__ == "__main__":  # python -m sdsat_lsp.session_bench FILE [MODEL] [settings-json]
+if __name__ == "__main__":  # python -m sdsat_lsp.tools.session_bench FILE [MODEL] [settings-json]
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     out = run_editor_session(sys.argv[1], model=sys.argv[2] if len(sys.argv) > 2 else None,
                              settings=json.loads(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -24,12 +24,13 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .errors import SdsatError
+from ..errors import SdsatError
 
 IGNORE = -100
 log = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ def add_arguments(p) -> None:
 
 def _prepare_data(args, out: Path, tokenizer):
     """Token streams for training and held-out files, cached in `out` (tokenizing takes a while)."""
-    from .corpus import file_list_hash, split_files, token_stream
+    from ..corpus import file_list_hash, split_files, token_stream
 
     cache = out / "data.pt"
     if cache.exists():
@@ -300,7 +301,7 @@ def _new_model(args, out: Path):
 
 
 def _pretrained_model(args):
-    from .model import load_model
+    from ..model import load_model
     from .tinymodel import ADAPTIVE_TOKEN
 
     loaded = load_model(args.init, quantize="none", dtype="float32")
@@ -345,7 +346,7 @@ def heldout_real_loss(model, held: torch.Tensor, seq_len: int, windows: int = 32
 def acceptance_by_k(model, held: torch.Tensor, adaptive_ids: list[int], max_k: int, prompts: int = 20,
                     max_new_tokens: int = 48, prompt_len: int = 192) -> dict[int, float]:
     """Mean accepted drafts per verifying pass (fused mode) on held-out prompts, for k = 1..max_k."""
-    from .engine import generate
+    from ..engine import generate
 
     rng = random.Random(1)
     starts = [rng.randrange(0, len(held) - prompt_len - 1) for _ in range(prompts)]
@@ -392,13 +393,7 @@ def load_checkpoint(path: Path, device) -> dict:
 
 
 def run_training(args) -> dict:
-    from tqdm import tqdm
-
-    from .errors import SdsatError
-
-    for flag, value in (("--steps", args.steps), ("--time-budget", args.time_budget), ("--warmup", args.warmup)):
-        if value is not None and value <= 0:
-            raise SdsatError(f"{flag} must be positive (got {value})")
+    _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -406,9 +401,7 @@ def run_training(args) -> dict:
     (out / "command.txt").write_text("sdsat-lsp train " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:]) + "\n")
     from_scratch = args.init is None
     model, tokenizer, adaptive_ids = _new_model(args, out) if from_scratch else _pretrained_model(args)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SdsatError("--device cuda was asked for, but this machine has no CUDA GPU (torch.cuda.is_available() is False)")
+    device = _device(args)
     model.to(device)
     if device.startswith("cuda"):  # TF32 matmuls: several times fp32's speed, plenty for training
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -436,72 +429,13 @@ def run_training(args) -> dict:
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
-    start_step = 0
-    budget_settled = not args.time_budget  # once the budget has set the step count, it stays
-    ckpt = out / "checkpoint.pt"
-    if ckpt.exists():
-        state = load_checkpoint(ckpt, device)
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                named[name].copy_(value)
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        start_step = state["step"]
-        if args.time_budget and state.get("budget_settled"):
-            # The budget's count rules over --steps (an upper bound then); without a budget, --steps
-            # rules, so a finished schedule can be stretched by resuming with more steps.
-            args.steps, budget_settled = state["steps"], True
-        log.info("resumed from step %d of %d", start_step, args.steps)
-
+    run = _Run(args, out, model, tokenizer, adaptive_ids, peft_mode, params, opt, sched, rng, held)
+    run.resume(device)
     stream = train_stream.tolist()
-    model.train()
-    bar = tqdm(initial=start_step, total=args.steps, desc="sdsat train", file=sys.stderr, dynamic_ncols=True)
-    started, tokens_seen = time.perf_counter(), 0
-    budget_from = start_step + 5  # the first steps include one-off costs (allocation, kernel choice)
-    step = start_step
-    while step < args.steps:
-        if args.stop_after and step >= start_step + args.stop_after:
-            bar.close()
-            _save_checkpoint(ckpt, model, opt, sched, step, rng, args.steps, budget_settled)
-            log.info("stopped after step %d of %d; run the same command again to resume", step, args.steps)
-            return report
-        if not budget_settled and step == budget_from:
-            budget_started = time.perf_counter()
-        if not budget_settled and step == budget_from + 20:
-            budget_settled = True
-            per_step = (time.perf_counter() - budget_started) / 20
-            affordable = step + int((args.time_budget - (time.perf_counter() - started)) / per_step)
-            if affordable < args.steps:
-                log.info("time budget %.0f s at %.3f s/step: %d steps instead of %d", args.time_budget, per_step,
-                         affordable, args.steps)
-                args.steps = bar.total = max(step + 1, affordable)
-        tokens = token_chunks(stream, args.seq_len, rng, args.batch_size)
-        real, adaptive = train_step(model, opt, sched, params, tokens, adaptive_ids, args.max_block,
-                                    args.blocks_per_row, args.adaptive_weight, rng, args.targets)
-        step += 1
-        bar.update(1)
-        tokens_seen += tokens.numel()
-        bar.set_postfix(real=f"{real.item():.3f}", adaptive=f"{adaptive.item():.3f}",
-                        tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            _save_checkpoint(ckpt, model, opt, sched, step, rng, args.steps, budget_settled)
-            if peft_mode == "none":  # a usable snapshot at every checkpoint (long runs end without warning)
-                _save_final(model, tokenizer, adaptive_ids, args, out / "snapshot", peft_mode)
-            # A few held-out windows show when more steps stop helping (over-fitting a small corpus).
-            model.eval()
-            heldout = heldout_real_loss(model, held, args.seq_len, windows=8)
-            model.train()
-            with (out / "log.jsonl").open("a") as f:
-                f.write(json.dumps({"step": step, "real": real.item(), "adaptive": adaptive.item(),
-                                    "heldout_real_8": round(heldout, 4), "lr": sched.get_last_lr()[0],
-                                    "time": time.time()}) + "\n")
-    bar.close()
+    if not run.train(stream):
+        return report  # --stop-after: the checkpoint is saved, the same command resumes
     model.eval()
-    final_dir = out / "model"
-    _save_final(model, tokenizer, adaptive_ids, args, final_dir, peft_mode)
+    _save_final(model, tokenizer, adaptive_ids, args, out / "model", peft_mode)
     report["after"] = _evaluate(model, held, adaptive_ids, args)
     report.update(files_hash=data["files_hash"], held_out_files=len(data["held_files"]), train_tokens=len(stream),
                   held_tokens=len(held), steps=args.steps, seed=args.seed, peft=peft_mode, lr=lr,
@@ -512,8 +446,125 @@ def run_training(args) -> dict:
     return report
 
 
+def _check_args(args) -> None:
+    for flag, value in (("--steps", args.steps), ("--time-budget", args.time_budget), ("--warmup", args.warmup)):
+        if value is not None and value <= 0:
+            raise SdsatError(f"{flag} must be positive (got {value})")
+
+
+def _device(args) -> str:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SdsatError("--device cuda was asked for, but this machine has no CUDA GPU (torch.cuda.is_available() is False)")
+    return device
+
+
+@dataclass
+class _Run:
+    """The training loop's state: what a checkpoint saves and a resume restores."""
+
+    args: Any
+    out: Path
+    model: Any
+    tokenizer: Any
+    adaptive_ids: list[int]
+    peft_mode: str
+    params: list
+    opt: Any
+    sched: Any
+    rng: random.Random
+    held: Any
+    start_step: int = 0
+    budget_settled: bool = False  # once the time budget has set the step count, it stays
+
+    @property
+    def ckpt(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def resume(self, device: str) -> None:
+        args = self.args
+        self.budget_settled = not args.time_budget
+        if not self.ckpt.exists():
+            return
+        state = load_checkpoint(self.ckpt, device)
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                named[name].copy_(value)
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.start_step = state["step"]
+        if args.time_budget and state.get("budget_settled"):
+            # The budget's count rules over --steps (an upper bound then); without a budget, --steps
+            # rules, so a finished schedule can be stretched by resuming with more steps.
+            args.steps, self.budget_settled = state["steps"], True
+        log.info("resumed from step %d of %d", self.start_step, args.steps)
+
+    def save(self, step: int) -> None:
+        _save_checkpoint(self.ckpt, self.model, self.opt, self.sched, step, self.rng, self.args.steps, self.budget_settled)
+
+    def train(self, stream: list[int]) -> bool:
+        """Steps up to `args.steps`; False when `--stop-after` stopped it first."""
+        from tqdm import tqdm
+
+        args, model, start_step = self.args, self.model, self.start_step
+        model.train()
+        bar = tqdm(initial=start_step, total=args.steps, desc="sdsat train", file=sys.stderr, dynamic_ncols=True)
+        started, tokens_seen = time.perf_counter(), 0
+        budget_from = start_step + 5  # the first steps include one-off costs (allocation, kernel choice)
+        step = start_step
+        while step < args.steps:
+            if args.stop_after and step >= start_step + args.stop_after:
+                bar.close()
+                self.save(step)
+                log.info("stopped after step %d of %d; run the same command again to resume", step, args.steps)
+                return False
+            if not self.budget_settled and step == budget_from:
+                budget_started = time.perf_counter()
+            if not self.budget_settled and step == budget_from + 20:
+                self.settle_budget(step, (time.perf_counter() - budget_started) / 20, time.perf_counter() - started, bar)
+            tokens = token_chunks(stream, args.seq_len, self.rng, args.batch_size)
+            real, adaptive = train_step(model, self.opt, self.sched, self.params, tokens, self.adaptive_ids, args.max_block,
+                                        args.blocks_per_row, args.adaptive_weight, self.rng, args.targets)
+            step += 1
+            bar.update(1)
+            tokens_seen += tokens.numel()
+            bar.set_postfix(real=f"{real.item():.3f}", adaptive=f"{adaptive.item():.3f}",
+                            tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
+            if step % args.checkpoint_every == 0 or step == args.steps:
+                self.checkpoint(step, real, adaptive)
+        bar.close()
+        return True
+
+    def settle_budget(self, step: int, per_step: float, elapsed: float, bar) -> None:
+        """Set the step count from the speed of the first steps (`--time-budget`)."""
+        args = self.args
+        self.budget_settled = True
+        affordable = step + int((args.time_budget - elapsed) / per_step)
+        if affordable < args.steps:
+            log.info("time budget %.0f s at %.3f s/step: %d steps instead of %d", args.time_budget, per_step,
+                     affordable, args.steps)
+            args.steps = bar.total = max(step + 1, affordable)
+
+    def checkpoint(self, step: int, real, adaptive) -> None:
+        self.save(step)
+        model, args = self.model, self.args
+        if self.peft_mode == "none":  # a usable snapshot at every checkpoint (long runs end without warning)
+            _save_final(model, self.tokenizer, self.adaptive_ids, args, self.out / "snapshot", self.peft_mode)
+        # A few held-out windows show when more steps stop helping (over-fitting a small corpus).
+        model.eval()
+        heldout = heldout_real_loss(model, self.held, args.seq_len, windows=8)
+        model.train()
+        with (self.out / "log.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "real": real.item(), "adaptive": adaptive.item(),
+                                "heldout_real_8": round(heldout, 4), "lr": self.sched.get_last_lr()[0],
+                                "time": time.time()}) + "\n")
+
+
 def _save_final(model, tokenizer, adaptive_ids, args, folder: Path, peft_mode: str) -> None:
-    from .modelcard import ModelCard, write_model_card
+    from ..modelcard import ModelCard, write_model_card
 
     folder.mkdir(parents=True, exist_ok=True)
     if peft_mode == "lora":
@@ -523,7 +574,7 @@ def _save_final(model, tokenizer, adaptive_ids, args, folder: Path, peft_mode: s
     tokenizer.save_pretrained(folder)
     # FIM ids are written only for a model that already infills (its own card says so): this recipe
     # does not train infilling, and a server would otherwise build prompts the model never saw.
-    from .modelcard import read_model_card
+    from ..modelcard import read_model_card
 
     init_card = read_model_card(args.init) if args.init else None
     fim = dict(init_card.fim) if init_card else {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .corpus import python_files, read_text
+from ..corpus import python_files, read_text
 
 SPECIAL_TOKENS = {
     "bos_token": "<s>",
@@ -88,7 +88,7 @@ def build_tiny_model(tokenizer, seed: int = 0, init_std: float = 0.02, **config_
 def save_tiny(model, tokenizer, folder: str | Path, k: int = 5, fim: bool = True) -> Path:
     """Save weights (safetensors), tokenizer and the SDSAT model card beside them. `fim=False` for a
     model that was not trained to infill, so a server never builds FIM prompts for it."""
-    from .modelcard import ModelCard, write_model_card
+    from ..modelcard import ModelCard, write_model_card
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -102,20 +102,3 @@ def save_tiny(model, tokenizer, folder: str | Path, k: int = 5, fim: bool = True
     )
     write_model_card(folder, card)
     return folder
-
-
-def train_micro(seed: int = 0, steps: int = 300, files: int = 10):
-    """A micro SDSAT model in ~15 s on 2 cores: a 512-token BPE, a 2-layer GQA Llama trained with
-    the SDSAT recipe on `files` standard-library files. Small enough to learn its corpus well, so its
-    drafts are often accepted; it is a test and demo model, not a useful code model.
-    Returns (model, tokenizer, token stream)."""
-    from .corpus import python_files, token_stream
-    from .train import train_steps
-
-    tokenizer = train_tokenizer(vocab_size=512, max_files=60)
-    stream = token_stream(tokenizer, python_files()[::40][:files])
-    model = build_tiny_model(tokenizer, seed=seed)
-    adaptive_id = tokenizer.convert_tokens_to_ids(ADAPTIVE_TOKEN)
-    train_steps(model, stream, [adaptive_id], steps=steps, seq_len=128, batch_size=8, max_block=5, blocks_per_row=8,
-                lr=5e-3, seed=seed)
-    return model, tokenizer, stream

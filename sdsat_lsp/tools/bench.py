@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from .decoding import LOOKUP_NGRAM, TREE_DEPTH, TREE_NODES
-from .errors import SdsatError
+from ..decoding import LOOKUP_NGRAM, TREE_DEPTH, TREE_NODES
+from ..errors import SdsatError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
               with_hf: bool = True, progress=None, draft_length: str = "adaptive", draft_store=None,
               tree_nodes: int = TREE_NODES, tree_depth: int = TREE_DEPTH) -> dict:
     """Decode every prompt with every mode; return the figures (see `main` for the keys)."""
-    from .engine import generate
+    from ..engine import generate
 
     model = loaded.model
     sdsat_modes = tuple(m for m in SDSAT_MODES if draft_store is not None or not ENGINE_MODES[m][2])
@@ -120,43 +120,10 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
     ar = runs["ar"]
     result: dict = {"modes": {}}
     for mode in modes:
-        gens = runs[mode]
-        new_tokens = sum(g.stats.new_tokens for g in gens)
-        wall_s = sum(g.stats.wall_ms for g in gens) / 1e3
-        passes = sum(g.stats.forward_passes for g in gens)
-        verify = sum(g.stats.verify_passes for g in gens)
-        entry = {
-            "identical": all(g.tokens == a.tokens for g, a in zip(gens, ar)),
-            "tokens": new_tokens,
-            "wall_s": round(wall_s, 4),
-            "tokens_per_s": round(new_tokens / wall_s, 2) if wall_s else 0.0,
-            "forward_passes": passes,
-            "tokens_per_pass": round(new_tokens / passes, 4) if passes else 0.0,
-            "mean_accepted": _ratio(sum(g.stats.drafts_accepted for g in gens), verify),
-            "mean_accepted_adaptive": _per_pass(
-                sum(g.stats.drafts_accepted - g.stats.lookup_accepted - g.stats.store_accepted for g in gens),
-                sum(g.stats.verify_passes - g.stats.lookup_passes - g.stats.store_passes for g in gens)),
-            "lookup_passes": sum(g.stats.lookup_passes for g in gens),
-            "store_passes": sum(g.stats.store_passes for g in gens),
-            "mean_accepted_store": _per_pass(sum(g.stats.store_accepted for g in gens), sum(g.stats.store_passes for g in gens)),
-            "tokens_fed_per_pass": _ratio(sum(g.stats.tokens_fed - g.stats.prefill_tokens for g in gens), passes),
-            "speedup": round(_median([a.stats.wall_ms / g.stats.wall_ms for g, a in zip(gens, ar)]), 4),
-            "median_ms": round(_median([g.stats.wall_ms for g in gens]), 2),
-        }
-        result["modes"][mode] = entry
+        result["modes"][mode] = _mode_entry(runs[mode], ar)
     for name, outs in hf_runs.items():
-        if not outs:
-            continue
-        tokens = sum(len(o[0]) for o in outs)
-        wall_s = sum(o[1] for o in outs) / 1e3
-        result["modes"][name] = {
-            "identical": all(o[0] == a.tokens for o, a in zip(outs, ar)),
-            "tokens": tokens,
-            "wall_s": round(wall_s, 4),
-            "tokens_per_s": round(tokens / wall_s, 2) if wall_s else 0.0,
-            "speedup": round(_median([a.stats.wall_ms / o[1] for o, a in zip(outs, ar)]), 4),
-            "median_ms": round(_median([o[1] for o in outs]), 2),
-        }
+        if outs:
+            result["modes"][name] = _hf_entry(outs, ar)
     best = max(sdsat_modes, key=lambda m: result["modes"][m]["speedup"])
     result.update(
         identical=all(result["modes"][m]["identical"] for m in modes),
@@ -169,6 +136,46 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
         sdsat_tokens_per_s=result["modes"][best]["tokens_per_s"],
     )
     return result
+
+
+def _mode_entry(gens: list, ar: list) -> dict:
+    """One engine mode's figures over the prompts (`ar`: the same prompts decoded by plain AR)."""
+    new_tokens = sum(g.stats.new_tokens for g in gens)
+    wall_s = sum(g.stats.wall_ms for g in gens) / 1e3
+    passes = sum(g.stats.forward_passes for g in gens)
+    verify = sum(g.stats.verify_passes for g in gens)
+    return {
+        "identical": all(g.tokens == a.tokens for g, a in zip(gens, ar)),
+        "tokens": new_tokens,
+        "wall_s": round(wall_s, 4),
+        "tokens_per_s": round(new_tokens / wall_s, 2) if wall_s else 0.0,
+        "forward_passes": passes,
+        "tokens_per_pass": round(new_tokens / passes, 4) if passes else 0.0,
+        "mean_accepted": _ratio(sum(g.stats.drafts_accepted for g in gens), verify),
+        "mean_accepted_adaptive": _per_pass(
+            sum(g.stats.drafts_accepted - g.stats.lookup_accepted - g.stats.store_accepted for g in gens),
+            sum(g.stats.verify_passes - g.stats.lookup_passes - g.stats.store_passes for g in gens)),
+        "lookup_passes": sum(g.stats.lookup_passes for g in gens),
+        "store_passes": sum(g.stats.store_passes for g in gens),
+        "mean_accepted_store": _per_pass(sum(g.stats.store_accepted for g in gens), sum(g.stats.store_passes for g in gens)),
+        "tokens_fed_per_pass": _ratio(sum(g.stats.tokens_fed - g.stats.prefill_tokens for g in gens), passes),
+        "speedup": round(_median([a.stats.wall_ms / g.stats.wall_ms for g, a in zip(gens, ar)]), 4),
+        "median_ms": round(_median([g.stats.wall_ms for g in gens]), 2),
+    }
+
+
+def _hf_entry(outs: list, ar: list) -> dict:
+    """transformers' generate() figures: `outs` are (tokens, wall ms) per prompt."""
+    tokens = sum(len(o[0]) for o in outs)
+    wall_s = sum(o[1] for o in outs) / 1e3
+    return {
+        "identical": all(o[0] == a.tokens for o, a in zip(outs, ar)),
+        "tokens": tokens,
+        "wall_s": round(wall_s, 4),
+        "tokens_per_s": round(tokens / wall_s, 2) if wall_s else 0.0,
+        "speedup": round(_median([a.stats.wall_ms / o[1] for o, a in zip(outs, ar)]), 4),
+        "median_ms": round(_median([o[1] for o in outs]), 2),
+    }
 
 
 def _hf_generate(model, prompt: list[int], max_new_tokens: int, eos_ids: list[int], extra: dict):
@@ -220,7 +227,7 @@ def _editor_session(args) -> int:
 
 
 def _draft_store(choice: str, loaded):
-    from .draftstore import open_store, store_choice
+    from ..draftstore import open_store, store_choice
 
     choice = store_choice(choice, loaded.card)
     if choice is None:
@@ -230,8 +237,8 @@ def _draft_store(choice: str, loaded):
 
 
 def main(args) -> int:
-    from .corpus import cut_prompts, split_files
-    from .embedded import resolve_model
+    from ..corpus import cut_prompts, split_files
+    from ..embedded import resolve_model
 
     if args.editor_session:
         return _editor_session(args)
@@ -248,7 +255,7 @@ def main(args) -> int:
                            adaptive_ids=args.adaptive_ids, k=args.k)
     k = args.k or loaded.card.k
     adaptive_ids = args.adaptive_ids or loaded.card.adaptive_ids
-    from .engine import check_settings, context_length
+    from ..engine import check_settings, context_length
 
     check_settings(loaded.model, k, adaptive_ids, "fused")
     # Drafts are easy on text a model memorized; the default measures code no model we train has seen.
