@@ -83,13 +83,13 @@ class Result:
 
 def complete(loaded, s: Settings, text: str, offset: int, *, keep: str | None = None, mode: str | None = None,
              kv=None, uri: str = "", draft_store=None, cancel: Callable[[], bool] | None = None,
-             deadline: float | None = None) -> Result:
+             deadline: float | None = None, hard_deadline: float | None = None) -> Result:
     """The completion at `offset` in `text` with settings `s` and `loaded` (model, tokenizer, card).
 
     `keep`: the window head of the previous prompt for this document (prompt.build_prompt keeps the
     window still while it fits). `mode`: the decoding mode instead of the settings' ("ar" for the
     reference). `kv`: a kvcache.KVCacheStore whose entry for `uri` is reused and updated.
-    `draft_store`, `cancel` and `deadline`: as `engine.generate` takes them."""
+    `draft_store`, `cancel`, `deadline` and `hard_deadline`: as `engine.generate` takes them."""
     from .sampling import Sampling
 
     prompt, k, card_mode = request_prompt(loaded, s, model_text(text), offset, keep=keep)
@@ -102,7 +102,7 @@ def complete(loaded, s: Settings, text: str, offset: int, *, keep: str | None = 
             loaded.model, mp, mode=mode, k=k, adaptive_ids=loaded.card.adaptive_ids, max_new_tokens=s.max_tokens,
             should_stop=lambda tokens: rules.should_stop(mp.decode(tokens)),
             sampling=Sampling(s.temperature, s.top_k, s.top_p, None if s.seed < 0 else s.seed),
-            cache=lease.cache if lease is not None else None, cancel=cancel, deadline=deadline,
+            cache=lease.cache if lease is not None else None, cancel=cancel, deadline=deadline, hard_deadline=hard_deadline,
             draft_length=s.draft_length, lookup_ngram=s.lookup_ngram, draft_store=draft_store, tree_nodes=s.tree_nodes,
         )
     except BaseException:

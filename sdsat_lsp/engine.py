@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoding import DRAFT_LENGTHS, MODES
+from .decoding import DRAFT_LENGTHS, MAX_FED_PER_PASS, MODES
 from .drafting import Drafting, NgramIndex, Proposal, propose
 from .errors import SdsatError
 from .passes import block_mask, forward, forward_states, keep_path, model_device, model_dtype, tree_mask
@@ -272,6 +272,9 @@ class _Decode:
         if self.store is not None and (proposal.from_lookup or proposal.from_store):
             # Measured (bench, embedded model): 1.53x without these blocks, 1.41x with them.
             blocks = []
+        room = (MAX_FED_PER_PASS - n - 1) // max(1, self.draft_len)
+        if len(blocks) > room:  # keep the shortest acceptance lengths and the whole draft's
+            blocks = blocks[:max(0, room - 1)] + blocks[-1:] if room > 0 else []
         return blocks
 
     def verify(self, p: _Pass, states: torch.Tensor, to_logits) -> tuple[list[int], int]:
@@ -379,7 +382,7 @@ def _stopper(model, stopping: Stopping, room: int) -> Stopper:
         eos = model.config.eos_token_id
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     return Stopper(min(stopping.max_new_tokens, room), eos_ids, stopping.stop_strings, stopping.decode,
-                   stopping.should_stop, stopping.deadline)
+                   stopping.should_stop, stopping.deadline, stopping.hard_deadline)
 
 
 def _generator(model, sampling: Sampling) -> torch.Generator | None:

@@ -9,6 +9,7 @@ listed in the classes' docstrings; `sdsat-lsp stress` sends all of it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import re
@@ -24,44 +25,88 @@ log = logging.getLogger(__name__)
 
 
 class Protocol(LanguageServerProtocol):
-    """pygls' protocol, but every request it would drop without a word gets a JSON-RPC error (the
-    client would wait forever): params that do not fit the LSP types (InvalidParams); a message
-    that is not an object, has no "jsonrpc" or another version (InvalidRequest); a request after
-    `shutdown` (InvalidRequest, as the spec says)."""
+    """pygls' protocol with an envelope check of our own, so that every request gets an answer
+    and nothing the client sent is mistaken for something else:
+
+    - pygls parses bodies with `structure_message` as json's object_hook, so every nested object
+      with a "jsonrpc" key (inside params or settings) became a message of its own: the request
+      around it went unanswered, and a nested fake request was answered. Here the hook keeps
+      objects as they are and the top level alone is checked and structured (`_envelope`).
+    - A message that is not an object, has no "jsonrpc" or another version, an id that is not a
+      number, string or null, a method that is not a string, params that are neither object nor
+      array: Invalid Request (-32600), with id null when the id itself is unusable.
+    - Params that do not fit the LSP types: Invalid Params (-32602). A request before
+      `initialize`: -32002, as LSP says; a second `initialize`: Invalid Request (the first one's
+      documents and settings stay). A request after `shutdown`: Invalid Request.
+    - Error replies carry a short message, never a traceback (`data` is logged here instead), and
+      nothing is written once the client's end of the stream is gone (`_send_data`).
+    """
 
     exit_requested = False
+    initialized = False  # an initialize has been let through
     auth_token: str | None = None  # --tcp: what initializationOptions.token must be (tcp.py)
     authenticated: asyncio.Event | None = None  # per TCP connection, set by a valid initialize
+    output_closed = False
 
     def structure_message(self, data: dict[str, Any]):
-        try:
-            return super().structure_message(data)
-        except JsonRpcException as exc:
-            if isinstance(data, dict) and "id" in data and "method" in data:
-                self._send_response(data["id"], error=exc.to_response_error())
-            raise
+        return data  # structured once, at the top level, by _envelope
 
-    def handle_message(self, message) -> None:
-        if not hasattr(message, "jsonrpc"):  # pygls hands these over as plain dicts, lists, numbers
-            request = isinstance(message, dict) and "method" in message
-            self._refuse(message.get("id") if request else None, "not a JSON-RPC 2.0 message")
+    def handle_message(self, data) -> None:
+        message = self._envelope(data)
+        if message is None:
             return
         method, msg_id = getattr(message, "method", None), getattr(message, "id", None)
         if self.auth_token is not None and not self._let_in(message, method, msg_id):
             return
-        if method is not None and msg_id is not None:
-            if message.jsonrpc != self.VERSION:
-                self._refuse(msg_id, f"unsupported JSON-RPC version {message.jsonrpc!r}")
+        if method == types.INITIALIZE:
+            if self.initialized:
+                self._refuse(msg_id, "initialize was already sent; the server keeps its first session")
                 return
-            if not isinstance(method, str):  # pygls fails on it with an internal TypeError
-                self._refuse(msg_id, f"the method must be a string, got {method!r}")
-                return
-            if self._shutdown and method != types.EXIT:
-                self._refuse(msg_id, "the server is shutting down")
-                return
+            self.initialized = True
+        elif method is not None and not self.initialized and method != types.EXIT:
+            if msg_id is not None:
+                self._send_error(msg_id, -32002, "Server not initialized: send initialize first")
+            else:
+                log.info("dropped %s before initialize", method)
+            return
+        if method is not None and msg_id is not None and self._shutdown and method != types.EXIT:
+            self._refuse(msg_id, "the server is shutting down")
+            return
         if method == types.EXIT:
             self.exit_requested = True
         super().handle_message(message)
+
+    def _envelope(self, data):
+        """The typed message for a valid envelope, else None (after answering what can be answered)."""
+        if not isinstance(data, dict):
+            kind = "a batch (LSP has none)" if isinstance(data, list) else type(data).__name__
+            self._refuse(None, f"a message must be a JSON object, got {kind}")
+            return None
+        has_id = "id" in data
+        msg_id = data.get("id")
+        if has_id and (isinstance(msg_id, bool) or not isinstance(msg_id, (int, str, type(None)))):
+            self._refuse(None, f"an id must be a number, a string or null, got {type(msg_id).__name__}")
+            return None
+        reply_to = msg_id if has_id and "method" in data else None
+        if data.get("jsonrpc") != self.VERSION:
+            self._refuse(reply_to, f"not a JSON-RPC 2.0 message (jsonrpc {data.get('jsonrpc')!r})")
+            return None
+        if "method" in data and not isinstance(data["method"], str):
+            self._refuse(reply_to, f"the method must be a string, got {data['method']!r}")
+            return None
+        if "params" in data and not isinstance(data["params"], (dict, list, type(None))):
+            self._refuse(reply_to, f"params must be an object or an array, got {type(data['params']).__name__}")
+            return None
+        if "method" in data and "params" not in data:
+            data = {**data, "params": None}  # optional in JSON-RPC; pygls' message types require it
+        try:
+            return super().structure_message(data)
+        except JsonRpcException as exc:
+            if reply_to is not None:
+                self._send_error(reply_to, exc.code, exc.message)
+            else:
+                log.warning("dropped %s: %s", data.get("method", "a message"), exc.message)
+            return None
 
     def _let_in(self, message, method, msg_id) -> bool:
         """Over TCP nothing is served before an `initialize` that carries the token."""
@@ -83,15 +128,52 @@ class Protocol(LanguageServerProtocol):
 
     def _refuse(self, msg_id, reason: str) -> None:
         log.warning("invalid request (id %r): %s", msg_id, reason)
-        # An id of null must be written out, and pygls' response type would leave it out.
-        self._send_data({"jsonrpc": self.VERSION, "id": msg_id,
-                         "error": {"code": JsonRpcInvalidRequest.CODE, "message": f"Invalid Request: {reason}"}})
+        self._send_error(msg_id, JsonRpcInvalidRequest.CODE, f"Invalid Request: {reason}")
 
-    def send_parse_error(self, error: json.JSONDecodeError) -> None:
-        """A message body that is not JSON gets the JSON-RPC parse error (id null), as the spec asks,
-        instead of silence; the connection goes on with the next message."""
-        log.warning("a message that is not JSON: %s", error)
-        self._send_data({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": f"Parse error: {error}"}})
+    def _send_error(self, msg_id, code: int, message: str) -> None:
+        # Written by hand: an id of null must be written out, and pygls' response type leaves it out.
+        self._send_data({"jsonrpc": self.VERSION, "id": msg_id, "error": {"code": code, "message": _short(message)}})
+
+    def _send_response(self, msg_id, result=None, error=None):
+        """pygls puts a handler's traceback (with the server's paths) into `error.data`: it goes to
+        the log, the client gets the code and a short message."""
+        if error is not None and (getattr(error, "data", None) is not None or len(error.message or "") > MAX_ERROR_CHARS):
+            log.error("request %r failed: %s\n%s", msg_id, error.message, error.data or "")
+            error = types.ResponseError(code=error.code, message=_short(error.message or ""))
+        super()._send_response(msg_id, result, error)
+
+    def _send_data(self, data: Any):
+        """pygls' writer, except that nothing is written once the output is closed (the client is
+        gone): pygls re-raised the broken pipe and reported other write errors with a message to
+        the client, which failed to write again, and so on to the recursion limit (6-13 MB of
+        tracebacks after an `exit` mid-request)."""
+        if not data or self.output_closed:
+            return
+        if self.writer is None:
+            log.error("no transport to send a message on")
+            return
+        try:
+            body = json.dumps(data, default=self._serialize_message)
+        except Exception:
+            log.exception("could not serialize a message; not sent")
+            return
+        header = (f"Content-Length: {len(body)}\r\nContent-Type: {self.CONTENT_TYPE}; charset={self.CHARSET}\r\n\r\n"
+                  if self._include_headers else "")
+        try:
+            written = self.writer.write((header + body).encode(self.CHARSET))
+            if inspect.isawaitable(written):
+                asyncio.ensure_future(written)
+        except (OSError, ValueError):  # a broken pipe, a closed file
+            self.output_closed = True
+            log.info("the client's end of the stream is closed: writing nothing more")
+
+    def send_parse_error(self, error: Exception) -> None:
+        """A message body that is not JSON (or nested too deeply for the parser) gets the JSON-RPC
+        parse error (id null), as the spec asks, instead of silence; the connection goes on with
+        the next message."""
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        log.warning("a message that cannot be parsed: %s", reason)
+        self._send_error(None, -32700, f"Parse error: {reason}")
 
     def use_workspace(self, workspace) -> None:
         """Replace pygls' workspace (its documents break lines where LSP does not: document.py)."""
@@ -108,6 +190,14 @@ class Protocol(LanguageServerProtocol):
     def exit_code(self) -> int:
         """As the spec says: 1 for an `exit` without `shutdown` first, else 0."""
         return 1 if self.exit_requested and not self._shutdown else 0
+
+
+MAX_ERROR_CHARS = 300  # an error message for a person, not a dump
+
+
+def _short(message: str) -> str:
+    first = (message or "").strip().splitlines()[0] if (message or "").strip() else ""
+    return first if len(first) <= MAX_ERROR_CHARS else first[: MAX_ERROR_CHARS - 3] + "..."
 
 
 _CONTENT_LENGTH = re.compile(rb"content-length[ \t]*:[ \t]*(\d+)", re.IGNORECASE)

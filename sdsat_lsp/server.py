@@ -63,6 +63,9 @@ STATUS = "sdsat/status"
 STATS = "sdsat/stats"
 CONFIG_SECTION = "sdsat"  # the settings section pulled with workspace/configuration
 CONFIG_PULL_TIMEOUT_S = 2.0
+CLIENT_REQUEST_TIMEOUT_S = 2.0  # any other request to the client (progress creation): never wait longer
+MAX_PROBLEMS_SHOWN = 5
+MAX_POPUP_CHARS = 600
 
 
 class SdsatServer(LanguageServer):
@@ -97,6 +100,8 @@ class SdsatServer(LanguageServer):
 
     def warn_user(self, message: str, kind: types.MessageType = types.MessageType.Warning) -> None:
         log.warning("%s", message)
+        if len(message) > MAX_POPUP_CHARS:  # a popup is for a person to read (values can be huge)
+            message = message[: MAX_POPUP_CHARS - 3] + "..."
         self.window_show_message(types.ShowMessageParams(type=kind, message=f"sdsat-lsp: {message}"))
 
     def from_worker(self, fn, *args) -> None:
@@ -109,7 +114,9 @@ class SdsatServer(LanguageServer):
     def apply_settings(self, raw: Any, source: str) -> None:
         new, problems = parse_settings(raw, self.settings)
         if problems:
-            self.warn_user(f"invalid {source} settings ({'; '.join(problems)})")
+            shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
+            more = f"; and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+            self.warn_user(f"invalid {source} settings ({shown}{more})")
         old, self.settings = self.settings, new
         if self.kv is not None:
             self.kv.set_budget(new.cache_budget_mb * 2**20)
@@ -143,12 +150,17 @@ class SdsatServer(LanguageServer):
             self.apply_settings(plain(value), "workspace/configuration")
 
     def report_server_error(self, error: Exception, source) -> None:
-        """A message body that is not JSON gets the JSON-RPC parse error (id null), as the spec asks,
-        instead of silence; the connection goes on with the next message."""
-        if isinstance(error, json.JSONDecodeError):
+        """A message body that is not JSON, or nested too deeply to parse, gets the JSON-RPC parse
+        error (id null), as the spec asks, instead of silence; the connection goes on with the next
+        message. Anything else is logged here and in the client's log, never as a popup: what a
+        client sends wrong (a change to a document it never opened, a malformed message) is not the
+        user's to deal with."""
+        if isinstance(error, (json.JSONDecodeError, RecursionError)):
             self.protocol.send_parse_error(error)
             return
-        super().report_server_error(error, source)
+        log.error("%s: %s: %s", getattr(source, "__name__", source), type(error).__name__, error,
+                  exc_info=(type(error), error, error.__traceback__))
+        self.log_to_client(f"sdsat-lsp: {type(error).__name__}: {str(error)[:200]}", types.MessageType.Error)
 
     # -- model loading ----------------------------------------------------------------------------
 
@@ -169,11 +181,12 @@ class SdsatServer(LanguageServer):
         if caps.window is not None and caps.window.work_done_progress:
             token = f"sdsat-load-{uuid.uuid4().hex[:8]}"
             try:
-                await self.work_done_progress.create_async(token)
+                await asyncio.wait_for(self.work_done_progress.create_async(token), CLIENT_REQUEST_TIMEOUT_S)
                 self.work_done_progress.begin(token, types.WorkDoneProgressBegin(
                     title="sdsat-lsp", message=f"loading {what}", percentage=0))
-            except Exception:  # the client refused: no progress bar, the rest works
-                log.info("client refused window/workDoneProgress/create", exc_info=True)
+            except Exception as exc:  # refused or unanswered: no progress bar, the rest works
+                log.info("window/workDoneProgress/create failed (%s): loading without a progress bar",
+                         exc or type(exc).__name__)
                 token = None
 
         def report(message: str, percentage: int) -> None:
@@ -268,7 +281,8 @@ class SdsatServer(LanguageServer):
             return None
         result = complete(loaded, s, job.text, job.offset, keep=job.doc.window_head, kv=kv, uri=job.uri,
                           draft_store=self.drafts.store, cancel=job.cancel.is_set,
-                          deadline=job.created + s.time_budget_ms / 1e3 if s.time_budget_ms else None)
+                          deadline=job.created + s.time_budget_ms / 1e3 if s.time_budget_ms else None,
+                          hard_deadline=job.created + s.deadline_ms / 1e3 if s.deadline_ms else None)
         job.doc.window_head = result.prompt.window_head
         stats.update(result.stats)
         return result.completion

@@ -32,6 +32,7 @@ class Settings:
     tree_nodes: int = TREE_NODES  # retrieved drafts verified per pass as a tree (greedy only); 0 = one continuation
     max_tokens: int = 64  # new tokens per completion
     time_budget_ms: int = 400  # past this, stop at the next newline; 0 = no budget
+    deadline_ms: int = 2000  # past this, stop after the pass whatever the text (queue wait included); 0 = none
     line_mode: str = "auto"  # auto | single | multi
     fim: bool = True  # fill-in-the-middle (suffix first) when the model card has FIM ids
     token_healing: bool = True  # a prompt ending inside a token is continued from the token before (healing.py)
@@ -49,6 +50,7 @@ class Settings:
 _CHOICES = {"mode": DECODING_MODES, "line_mode": LINE_MODES, "draft_length": DRAFT_LENGTHS}
 _RANGES = {
     "threads": (0, 1024), "k": (0, 64), "lookup_ngram": (0, 16), "tree_nodes": (0, 64), "max_tokens": (1, 4096), "time_budget_ms": (0, 600_000),
+    "deadline_ms": (0, 600_000),
     "max_prompt_tokens": (16, 1 << 20), "max_suffix_tokens": (0, 1 << 16), "temperature": (0.0, 100.0),
     "top_k": (0, 1 << 20), "top_p": (1e-6, 1.0), "seed": (-1, 2**62), "cache_budget_mb": (0, 1 << 24),
 }

@@ -18,13 +18,16 @@ class Stopping:
     decode: Callable[[list[int]], str] | None = None  # new tokens -> text (stop strings, the budget)
     should_stop: Callable[[list[int]], bool] | None = None
     deadline: float | None = None  # a time.perf_counter() value; see `Stopper`
+    hard_deadline: float | None = None  # past this (perf_counter), generation ends after the pass
 
 
 class Stopper:
     """Decides, token by token, when generation ends. EOS is not part of the output; a stop string
     ends generation at the token that completes it (that token is kept; callers trim the text).
     Past `deadline` (a time.perf_counter() value) generation ends at the next token holding a
-    newline (llama.cpp's t_max_predict_ms rule), or at once when there is no `decode`."""
+    newline (llama.cpp's t_max_predict_ms rule), or at once when there is no `decode`. Past
+    `hard_deadline` it ends at the next token whatever the text: the engine pushes a pass's tokens
+    right after the pass, so no generation outlives that deadline by more than one pass."""
 
     def __init__(
         self,
@@ -34,6 +37,7 @@ class Stopper:
         decode: Callable[[list[int]], str] | None = None,
         should_stop: Callable[[list[int]], bool] | None = None,
         deadline: float | None = None,
+        hard_deadline: float | None = None,
     ):
         if stop_strings and decode is None:
             raise ValueError("stop strings need a decode function")
@@ -42,7 +46,7 @@ class Stopper:
         self.stop_strings = [s for s in stop_strings if s]
         self.decode = decode
         self.should_stop = should_stop
-        self.deadline = deadline
+        self.deadline, self.hard_deadline = deadline, hard_deadline
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
 
@@ -59,6 +63,8 @@ class Stopper:
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.max_new_tokens:
             self.finish_reason = "length"
+        elif self.hard_deadline is not None and time.perf_counter() > self.hard_deadline:
+            self.finish_reason = "deadline"
         elif self.deadline is not None and time.perf_counter() > self.deadline and (
             self.decode is None or "\n" in self.decode([token])
         ):

@@ -3,6 +3,8 @@ every k, and wherever generation stops (EOS, length, stop string) relative to an
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -236,6 +238,41 @@ def test_deadline_stops_at_newline(sdsat_micro, code_prompts):
         assert "\n" in tokenizer.decode(out.tokens[-1:]) and text.count("\n") == tokenizer.decode(out.tokens[-1:]).count("\n")
     else:  # the whole output holds no newline
         assert out.finish_reason == "length" and "\n" not in text
+
+
+def test_hard_deadline_ends_after_the_pass_whatever_the_text(sdsat_micro, code_prompts):
+    """The budget (`deadline`) waits for a newline; `hard_deadline` does not: past it, generation
+    ends with the pass that crossed it (here the prefill), its tokens those of plain decoding."""
+    model, tokenizer, adaptive = sdsat_micro
+    out = generate(model, code_prompts[0], k=5, adaptive_ids=[adaptive], max_new_tokens=64, eos_ids=[],
+                   decode=tokenizer.decode, hard_deadline=time.perf_counter() - 1)
+    assert out.finish_reason == "deadline"
+    assert out.stats.forward_passes == 1
+    full = generate(model, code_prompts[0], k=5, adaptive_ids=[adaptive], max_new_tokens=64, eos_ids=[])
+    assert out.tokens == full.tokens[: len(out.tokens)]
+
+
+@pytest.mark.parametrize("draft_length", ["fixed", "adaptive"])
+def test_a_pass_never_feeds_more_than_the_cap(sdsat_micro, code_prompts, draft_length, monkeypatch):
+    """k = 64 with fixed drafts prepared a block for every acceptance length: 4,225 tokens a pass.
+    Passes now carry at most MAX_FED_PER_PASS tokens, and the output is still plain greedy's."""
+    from sdsat_lsp.decoding import MAX_FED_PER_PASS
+    from sdsat_lsp.passes import forward_states
+
+    model, _, adaptive = sdsat_micro
+    fed = []
+
+    def spy(model_, cache, ids, *args, **kwargs):
+        fed.append(len(ids))
+        return forward_states(model_, cache, ids, *args, **kwargs)
+
+    import sdsat_lsp.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "forward_states", spy)
+    got = generate(model, code_prompts[1], k=64, adaptive_ids=[adaptive], max_new_tokens=40, eos_ids=[],
+                   draft_length=draft_length)
+    assert fed and max(fed) <= MAX_FED_PER_PASS, fed
+    assert got.tokens == ar(model, code_prompts[1], max_new_tokens=40, eos_ids=[]).tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

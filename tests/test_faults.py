@@ -24,7 +24,7 @@ from documents import WALK_MODULE as DOC  # tests/documents.py
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SERVER = [sys.executable, "-m", "sdsat_lsp.cli", "--stdio", "-v"]
-OPTIONS = {"quantize": "none", "threads": 1, "timeBudgetMs": 0, "maxPromptTokens": 256, "maxTokens": 12}
+OPTIONS = {"quantize": "none", "threads": 1, "timeBudgetMs": 0, "deadlineMs": 0, "maxPromptTokens": 256, "maxTokens": 12}
 LONG = {"maxTokens": 4096, "lineMode": "multi", "mode": "ar"}  # decodes until the context is full: seconds
 CAPS = {"window": {"workDoneProgress": True}, "workspace": {"didChangeConfiguration": {}},
         "textDocument": {"synchronization": {}, "inlineCompletion": {}}}

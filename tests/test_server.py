@@ -31,7 +31,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 SERVER = [sys.executable, "-m", "sdsat_lsp.cli", "--stdio", "-v"]
 READY_TIMEOUT = 120
 MAX_TOKENS = 24
-BASE_OPTIONS = {"quantize": "none", "threads": 1, "timeBudgetMs": 0, "maxPromptTokens": 256, "maxTokens": MAX_TOKENS}
+BASE_OPTIONS = {"quantize": "none", "threads": 1, "timeBudgetMs": 0, "deadlineMs": 0, "maxPromptTokens": 256, "maxTokens": MAX_TOKENS}
 
 
 def capabilities(inline: bool = True, encodings: list[str] | None = None, pull: bool = False) -> types.ClientCapabilities:

@@ -664,7 +664,7 @@ class Run:
         """Fixed prompts on fresh documents, then after an edit that reuses their KV cache, with the
         storm's settings but greedy, unbounded in time and longer."""
         conn = self.conn
-        final = {**self.settings, "maxTokens": FINAL_MAX_TOKENS, "timeBudgetMs": 0}
+        final = {**self.settings, "maxTokens": FINAL_MAX_TOKENS, "timeBudgetMs": 0, "deadlineMs": 0}
         conn.config = final
         await storm.configure(final)
         # Settings apply in order; wait until a reload they caused (if any) is over.
