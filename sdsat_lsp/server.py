@@ -63,6 +63,7 @@ STATUS = "sdsat/status"
 STATS = "sdsat/stats"
 CONFIG_SECTION = "sdsat"  # the settings section pulled with workspace/configuration
 CONFIG_PULL_TIMEOUT_S = 2.0
+LOOP_TICK_S = 0.05
 CLIENT_REQUEST_TIMEOUT_S = 2.0  # any other request to the client (progress creation): never wait longer
 MAX_PROBLEMS_SHOWN = 5
 MAX_POPUP_CHARS = 600
@@ -87,6 +88,7 @@ class SdsatServer(LanguageServer):
         self.load_task: asyncio.Task | None = None
         self.startup: dict[str, Any] = {}  # when initialize was answered, whether torch was in yet
         self.drafts = DraftStoreBuilder(self.from_worker)  # the draft store, built beside the worker
+        self.loop_block_ms = 0.0  # the longest the event loop was late for its watch (see watch_loop)
 
     # -- notifications to the client (always from the event loop thread) --------------------------
 
@@ -108,6 +110,19 @@ class SdsatServer(LanguageServer):
         """Run `fn(*args)` on the event loop (pygls writes are not thread-safe)."""
         if self.loop is not None:
             self.loop.call_soon_threadsafe(fn, *args)
+
+    async def watch_loop(self) -> None:
+        """How long the event loop is ever kept from running (a handler doing O(document) work on a
+        keystroke, say): a tick every LOOP_TICK_S, late by at most a few ms on a healthy loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(LOOP_TICK_S)
+            late_ms = (loop.time() - before - LOOP_TICK_S) * 1e3
+            if late_ms > self.loop_block_ms:
+                self.loop_block_ms = late_ms
+                if late_ms > 100:
+                    log.warning("the event loop was blocked for %.0f ms", late_ms)
 
     # -- settings ---------------------------------------------------------------------------------
 
@@ -306,7 +321,7 @@ class SdsatServer(LanguageServer):
             model = {"ref": lm.ref, "device": lm.device, "quantize": lm.quantize, "dtype": lm.dtype,
                      "k": lm.card.k, "fim": bool(lm.card.fim), "loadMs": round(lm.load_ms, 1)}
         return {"state": self.state, "message": self.state_message, "model": model, "cache": cache,
-                "draftStore": self.drafts.info,
+                "draftStore": self.drafts.info, "eventLoop": {"maxBlockMs": round(self.loop_block_ms, 1)},
                 "settings": settings_to_wire(self.settings), "requests": requests, "startup": self.startup,
                 "positionEncoding": str(self.workspace.position_encoding) if self.protocol.has_workspace else None}
 
@@ -365,6 +380,7 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
     def on_initialize(ls: SdsatServer, params: types.InitializeParams) -> None:
         """Read initializationOptions; offer textDocument/completion to clients without inline completion."""
         ls.loop = asyncio.get_running_loop()
+        ls.loop_watch = asyncio.ensure_future(ls.watch_loop())
         # pygls' documents break lines where LSP does not (form feeds, U+2028...): use ours.
         ls.protocol.use_workspace(DocumentWorkspace.like(ls.workspace, types.TextDocumentSyncKind.Incremental))
         ls.startup = {"initializeMs": round((time.perf_counter() - _IMPORTED) * 1e3, 1),

@@ -22,4 +22,8 @@ def test_stress_1000_requests_nothing_lost(tiny_model_dir, tmp_path):
     assert "-32603" not in result["errors_by_code"], result["error_samples"]  # an internal error is a bug
     assert result["unexpected_responses"] == 0 and result["stdout_garbage"] == 0
     assert result["exit_code"] == 0 and not result["orphans"]
+    # Issue 17's figures: the hostile cases ran, the loop stayed responsive, every wait was bounded.
+    assert result["by_kind"].get("invalid-nested-jsonrpc", 0) > 0 and result["null_id_errors"].get("-32600", 0) > 0
+    assert 0 < result["max_request_ms"] < 60_000
+    assert 0 <= result["max_event_loop_block_ms"] < 5_000
     assert code == 0

@@ -66,6 +66,8 @@ class Tally:
     lost: int = 0  # requests pending when the server died
     lost_by_kind: Counter = field(default_factory=Counter)
     max_rss: int = 0
+    max_request_ms: float = 0.0  # the slowest answer to any request (the monitor's polls included)
+    max_loop_block_ms: float = 0.0  # the server's own figure (sdsat/stats eventLoop), highest seen
     max_kv: int = 0
     kv_over_budget: int = 0
     kv_samples: int = 0
@@ -223,12 +225,15 @@ class Connection:
             return
         kind, sent = entry
         self.tally.answered += 1
+        self.tally.max_request_ms = max(self.tally.max_request_ms, (time.perf_counter() - sent) * 1e3)
         if error is not None:
             code = str(error.get("code"))
             self.tally.errors_by_code[code] += 1
             if len(self.tally.error_samples.setdefault(code, {})) < 6:
                 self.tally.error_samples[code].setdefault(kind, str(error.get("message"))[:300])
         elif kind == "stats-poll":
+            loop = (message.get("result") or {}).get("eventLoop") or {}
+            self.tally.max_loop_block_ms = max(self.tally.max_loop_block_ms, float(loop.get("maxBlockMs") or 0))
             cache = (message.get("result") or {}).get("cache") or {}
             used = int(cache.get("bytes") or 0)
             self.tally.max_kv = max(self.tally.max_kv, used)

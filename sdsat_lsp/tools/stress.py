@@ -53,7 +53,7 @@ SNIPPETS = ["x", "_", "(", ")", ".", "self.", " = ", "\n", "\n    ", "    return
 STORM_SETTINGS = {"threads": 1, "maxTokens": 8, "timeBudgetMs": 400, "mode": "fused", "lineMode": "auto",
                   "kvCache": True, "temperature": 0.0, "topK": 0, "topP": 1.0, "seed": -1, "k": 0,
                   "maxPromptTokens": 1024, "maxSuffixTokens": 128, "fim": True, "enabled": True,
-                  "quantize": "auto", "device": "auto", "dtype": "auto"}
+                  "quantize": "auto", "device": "auto", "dtype": "auto", "draftStore": "auto"}
 FINAL_MAX_TOKENS = 16
 
 
@@ -359,6 +359,8 @@ class Storm:
 
     async def invalid_settings(self) -> None:
         bad = self.rng.choice([
+            {"draftStore": "/", "cacheBudgetMb": 2**24},  # the whole filesystem, 16 TiB: refused
+            {"maxTokens": 7, "extra": {"jsonrpc": "2.0", "method": "exit"}},  # a setting, not a message
             {"maxTokens": "many", "temperature": "hot", "mode": "bogus", "k": -3, "topP": 0, "lineMode": 7,
              "kvCache": "yes", "nonsense": 1, "seed": 2**70, "maxPromptTokens": None},
             {"timeBudgetMs": -5, "topK": 1.5, "fim": "no", "enabled": 0},
@@ -375,7 +377,9 @@ class Storm:
         """A model that cannot load (path missing, or no such device), requests meanwhile, then the
         good model again, with requests while it loads."""
         self.model_swaps += 1
-        broken = self.rng.choice([{"model": "/no/such/model/folder"}, {"device": "cuda:7"}, {"quantize": "bogus"}])
+        # A hub id must not be downloaded (no --allow-download): an error at once, no network.
+        broken = self.rng.choice([{"model": "/no/such/model/folder"}, {"device": "cuda:7"}, {"quantize": "bogus"},
+                                  {"model": "gpt2"}, {"model": "someone/a-hub-model"}])
         await self.configure({**self.settings, **broken})
         for _ in range(5):
             mirror = self.pick()
@@ -444,7 +448,15 @@ class Storm:
         conn, rng = self.conn, self.rng
         msg_id = conn.new_id(rng)
         variant = rng.choice(["unknown-method", "invalid-params", "no-jsonrpc", "wrong-jsonrpc", "null-params",
-                              "array-params", "method-number", "stats-array"])
+                              "array-params", "method-number", "stats-array", "nested-jsonrpc", "no-params",
+                              "second-initialize", "unusable-id", "deep-nesting"])
+        if variant in ("unusable-id", "deep-nesting"):
+            # Nobody can match the answer (id null) to these: counted as malformed frames.
+            body = (json.dumps({"jsonrpc": "2.0", "id": rng.choice([[msg_id], {"id": msg_id}, 1.5, True]),
+                                "method": "shutdown"}).encode() if variant == "unusable-id"
+                    else b"[" * 100_000 + b"]" * 100_000)
+            await conn.malformed(conn.frame(body), f"invalid-{variant}")
+            return
         message = {"jsonrpc": "2.0", "id": msg_id, "method": "textDocument/inlineCompletion"}
         if variant == "unknown-method":
             message.update(method=rng.choice(["sdsat/nope", "textDocument/hover", "", "$/weird"]), params={})
@@ -461,6 +473,13 @@ class Storm:
             message["params"] = [1, 2, 3]
         elif variant == "method-number":
             message.update(method=5, params={})
+        elif variant == "nested-jsonrpc":  # params, not messages: the stats must still be answered
+            message.update(method="sdsat/stats", params={"x": {"jsonrpc": "2.0", "id": f"{msg_id}-inner",
+                                                               "method": "shutdown"}})
+        elif variant == "no-params":
+            message["method"] = "sdsat/stats"
+        elif variant == "second-initialize":
+            message.update(method="initialize", params={"processId": None, "rootUri": None, "capabilities": {}})
         else:
             message.update(method="sdsat/stats", params=[1, "x"])
         await conn.request("", kind=f"invalid-{variant}", msg_id=msg_id, raw=message)
@@ -733,6 +752,8 @@ class Run:
             "unexpected_responses": t.unexpected_responses,
             "stdout_garbage": t.stdout_garbage,
             "max_rss_mb": round(t.max_rss / 2**20, 1),
+            "max_request_ms": round(t.max_request_ms, 1),
+            "max_event_loop_block_ms": round(t.max_loop_block_ms, 1),
             "kv_budget_mb": self.opts.kv_budget_mb,
             "max_kv_mb": round(t.max_kv / 2**20, 3),
             "kv_over_budget": t.kv_over_budget,
