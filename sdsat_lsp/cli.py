@@ -39,7 +39,11 @@ TOOLS = ("bench", "train", "eval", "stress", "draft-store")
 def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdsat-lsp", description=__doc__.splitlines()[0])
     parser.add_argument("--stdio", action="store_true", help="serve LSP over stdin/stdout (the default)")
-    parser.add_argument("--tcp", metavar="HOST:PORT", help="serve LSP over TCP")
+    parser.add_argument("--tcp", metavar="HOST:PORT", help="serve LSP over TCP, loopback only, one client with the token")
+    parser.add_argument("--tcp-token", metavar="TOKEN",
+                        help="with --tcp: the token the client sends as initializationOptions.token "
+                             "(default: $SDSAT_LSP_TCP_TOKEN, which other users cannot read in the process "
+                             "list, else a new one, printed on stderr)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     parser.add_argument("--log-file", help="log here instead of stderr")
     # Server start-up settings (initializationOptions from the editor override them).
@@ -50,6 +54,14 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     if tools:
         for name in TOOLS:
             _tool_parser(sub, name)
+    for p in (parser, *sub.choices.values()):  # before or after the tool's name
+        # SUPPRESS: a tool's parser must not reset what was given before its name.
+        default = None if p is parser else argparse.SUPPRESS
+        p.add_argument("--allow-download", action="store_true", default=False if p is parser else default,
+                       help="let a hub id that is not in the local cache be downloaded (size checked first); "
+                            "without it nothing is fetched from the network")
+        p.add_argument("--max-download-gb", type=float, default=20.0 if p is parser else default,
+                       help="with --allow-download: the most one model may download (default 20)")
     return parser
 
 
@@ -68,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(tools=not serving)
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.log_file)
+    if args.allow_download:  # read by model.resolve_folder, here and in servers this process starts
+        os.environ["SDSAT_LSP_DOWNLOAD_CAP_BYTES"] = str(int(args.max_download_gb * 2**30))
     try:
         if args.command is None:
             from .server import serve  # the server module owns start-up and transports

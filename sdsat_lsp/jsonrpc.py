@@ -8,6 +8,7 @@ listed in the classes' docstrings; `sdsat-lsp stress` sends all of it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -16,6 +17,8 @@ from typing import Any
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidRequest
 from pygls.protocol import LanguageServerProtocol
+
+from .tcp import token_matches
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,8 @@ class Protocol(LanguageServerProtocol):
     `shutdown` (InvalidRequest, as the spec says)."""
 
     exit_requested = False
+    auth_token: str | None = None  # --tcp: what initializationOptions.token must be (tcp.py)
+    authenticated: asyncio.Event | None = None  # per TCP connection, set by a valid initialize
 
     def structure_message(self, data: dict[str, Any]):
         try:
@@ -42,6 +47,8 @@ class Protocol(LanguageServerProtocol):
             self._refuse(message.get("id") if request else None, "not a JSON-RPC 2.0 message")
             return
         method, msg_id = getattr(message, "method", None), getattr(message, "id", None)
+        if self.auth_token is not None and not self._let_in(message, method, msg_id):
+            return
         if method is not None and msg_id is not None:
             if message.jsonrpc != self.VERSION:
                 self._refuse(msg_id, f"unsupported JSON-RPC version {message.jsonrpc!r}")
@@ -55,6 +62,24 @@ class Protocol(LanguageServerProtocol):
         if method == types.EXIT:
             self.exit_requested = True
         super().handle_message(message)
+
+    def _let_in(self, message, method, msg_id) -> bool:
+        """Over TCP nothing is served before an `initialize` that carries the token."""
+        if self.authenticated is not None and self.authenticated.is_set():
+            return True
+        if method == types.INITIALIZE:
+            options = getattr(message.params, "initialization_options", None)
+            given = options.pop("token", None) if isinstance(options, dict) else None
+            if token_matches(given, self.auth_token):
+                self.authenticated.set()
+                return True
+            self._refuse(msg_id, "wrong or missing initializationOptions.token (the server printed it at start)")
+            self.writer.close()
+            return False
+        if method is not None and msg_id is not None:
+            self._send_data({"jsonrpc": self.VERSION, "id": msg_id, "error": {
+                "code": -32002, "message": "Server not initialized: send initialize with the token first"}})
+        return False
 
     def _refuse(self, msg_id, reason: str) -> None:
         log.warning("invalid request (id %r): %s", msg_id, reason)

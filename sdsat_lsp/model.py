@@ -37,6 +37,19 @@ _QUANT_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0 + 4 / 64, "dynamic-int8": 1.0, 
 HEADROOM = 1.15
 _HEADROOM_BYTES = 256 << 20
 
+# Hub downloads happen only when the user asked for them (`sdsat-lsp --allow-download`, which sets
+# this variable for the process and the servers it starts): a model setting comes from an editor's
+# or a project's settings, and must not make the server fetch gigabytes. Its value: the most bytes
+# one model may download.
+DOWNLOAD_CAP_ENV = "SDSAT_LSP_DOWNLOAD_CAP_BYTES"
+
+
+def download_cap_bytes() -> int | None:
+    """The most one model may download, or None when downloads are not allowed."""
+    value = os.environ.get(DOWNLOAD_CAP_ENV, "")
+    return int(value) if value.isdigit() else None
+
+
 @dataclass
 class LoadedModel:
     model: Any  # a transformers causal LM in eval mode
@@ -110,9 +123,13 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "~", os.sep)) or ref.count("/") > 1 or "\\" in ref or not _HUB_ID.match(ref)
 
 
-def resolve_folder(ref: str | os.PathLike) -> Path:
-    """The local folder holding the model: `ref` itself, or the hub cache's snapshot of a hub id
-    (downloaded, safetensors only, when the hub is reachable)."""
+def resolve_folder(ref: str | os.PathLike, max_download_bytes: int | None = -1) -> Path:
+    """The local folder holding the model: `ref` itself, or the hub cache's snapshot of a hub id.
+    A snapshot missing from the cache is downloaded (safetensors only, after a size check) only
+    when downloads are allowed: `max_download_bytes` (None: not allowed; default:
+    `download_cap_bytes()`)."""
+    if max_download_bytes == -1:
+        max_download_bytes = download_cap_bytes()
     text = os.fspath(ref)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -126,6 +143,15 @@ def resolve_folder(ref: str | os.PathLike) -> Path:
     from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
+        return Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+    except (OSError, ValueError):
+        pass  # not in the cache
+    if max_download_bytes is None:
+        raise SdsatError(
+            f"{text} is not a local folder and not in the Hugging Face cache; downloading it needs "
+            f"`sdsat-lsp --allow-download` (its size is checked first), or download it yourself and pass the folder")
+    try:
+        _check_download_size(text, max_download_bytes)
         return Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
     except RepositoryNotFoundError as exc:
         raise SdsatError(
@@ -136,6 +162,27 @@ def resolve_folder(ref: str | os.PathLike) -> Path:
             f"{text} is not a local folder and not in the Hugging Face cache, and the hub cannot be reached "
             f"({type(exc).__name__}); download it on a machine with network and pass the folder"
         ) from exc
+
+
+def _check_download_size(repo: str, max_bytes: int) -> None:
+    """Refuse a download bigger than `max_bytes` or than the free space of the hub cache."""
+    import fnmatch
+    import shutil
+
+    from huggingface_hub import HfApi, constants
+
+    info = HfApi().model_info(repo, files_metadata=True)
+    need = sum(f.size or 0 for f in info.siblings or ()
+               if any(fnmatch.fnmatch(f.rfilename, pattern) for pattern in _HUB_PATTERNS))
+    cache = Path(constants.HF_HUB_CACHE)
+    cache.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache).free
+    if need > max_bytes:
+        raise SdsatError(f"{repo} would download {_gib(need)}, more than the {_gib(max_bytes)} allowed "
+                         "(raise it with --max-download-gb)")
+    if need > free:
+        raise SdsatError(f"{repo} would download {_gib(need)}, but {cache} has only {_gib(free)} free")
+    log.info("downloading %s (%s) into %s", repo, _gib(need), cache)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -265,8 +312,9 @@ def load_model(
     if quantize in ("nf4", "int8") or device != "cpu":
         kwargs["device_map"] = {"": device}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        # trust_remote_code=False: a model folder's own Python (auto_map) never runs.
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise SdsatError(f"could not load a causal LM from {folder}: {exc}") from exc
     if quantize == "dynamic-int8":

@@ -54,6 +54,7 @@ from .loading import load_blocking
 from .prompt import Completion
 from .session import Documents, Job, Outcome
 from .settings import RELOAD_KEYS, Settings, camel, parse_settings, settings_to_wire
+from .tcp import new_token, parse_address, serve_tcp
 
 log = logging.getLogger(__name__)
 _IMPORTED = time.perf_counter()
@@ -435,10 +436,9 @@ def serve(args) -> int:
     if getattr(args, "verbose", 0) < 2:
         logging.getLogger("pygls").setLevel(logging.WARNING)  # it logs every message at INFO
     if getattr(args, "tcp", None):
-        host, _, port = args.tcp.rpartition(":")
-        if not port.isdigit():
-            raise SdsatError(f"--tcp wants HOST:PORT, got {args.tcp!r}")
-        server.start_tcp(host or "127.0.0.1", int(port))  # `exit` ends the process from inside
+        host, port = parse_address(args.tcp)
+        token = getattr(args, "tcp_token", None) or os.environ.get("SDSAT_LSP_TCP_TOKEN") or new_token()
+        serve_tcp(server, host, port, token)  # `exit` ends the process
         return 0
     server.start_io(LenientStdin(sys.stdin.buffer), sys.stdout.buffer)
     return _exit_now(server)

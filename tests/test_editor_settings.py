@@ -29,3 +29,18 @@ def test_every_declared_setting_reaches_the_server_or_restarts_it():
     assert set(server_keys) | set(restart_keys) == declared
     understood = {camel(f.name) for f in dataclasses.fields(Settings)}
     assert set(server_keys) <= understood, set(server_keys) - understood
+
+
+def test_a_workspace_cannot_choose_what_runs_or_what_it_loads():
+    """What runs comes from user or machine settings only (`machine` scope: VS Code ignores a
+    workspace's `.vscode/settings.json` for it), and in Restricted Mode a workspace cannot choose the
+    model, the draft-store folder or the cache budget. tests/e2e/test_vscode.py checks both in a
+    real VS Code."""
+    package = json.loads((EXTENSION / "package.json").read_text())
+    properties = package["contributes"]["configuration"]["properties"]
+    assert properties["sdsat.serverCommand"]["scope"] == "machine"
+    assert properties["sdsat.serverArgs"]["scope"] == "machine"
+    untrusted = package["capabilities"]["untrustedWorkspaces"]
+    assert untrusted["supported"] == "limited"
+    restricted = set(untrusted["restrictedConfigurations"])
+    assert {"sdsat.model", "sdsat.draftStore", "sdsat.cacheBudgetMb"} <= restricted <= set(properties)

@@ -119,32 +119,59 @@ def _read_message(sock) -> dict:
 
 
 async def test_tcp_transport():
-    """`sdsat-lsp --tcp HOST:PORT` serves the same protocol over a socket, and exits on exit."""
+    """`sdsat-lsp --tcp HOST:PORT` serves the same protocol over a socket to the client that sends
+    the token, and exits on exit."""
     await asyncio.to_thread(_tcp_round_trip)
 
 
-def _tcp_round_trip():
+TCP_TOKEN = "s3cret-token-for-the-test"
+
+
+def _tcp_server(*extra: str):
+    """A `--tcp` server on a free loopback port (token from the environment); (process, port)."""
     import socket
     import subprocess
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "sdsat_lsp.cli", "--tcp", f"127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "sdsat_lsp.cli", "--tcp", f"127.0.0.1:{port}", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, SDSAT_LSP_TCP_TOKEN=TCP_TOKEN))
+    return proc, port
+
+
+def _tcp_connect(port: int):
+    import socket
+
+    deadline = time.perf_counter() + 30
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=30)
+        except OSError:
+            assert time.perf_counter() < deadline, "the TCP server did not start listening"
+            time.sleep(0.1)
+
+
+def _tcp_initialize(sock, msg_id, token) -> dict:
+    options = {} if token is None else {"token": token}
+    sock.sendall(_frame({"jsonrpc": "2.0", "id": msg_id, "method": "initialize",
+                         "params": {"processId": None, "rootUri": None, "capabilities": {},
+                                    "initializationOptions": options}}))
+    return _read_message(sock)
+
+
+def _ended(proc) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _tcp_round_trip():
+    proc, port = _tcp_server()
     try:
-        deadline = time.perf_counter() + 30
-        while True:
-            try:
-                sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-                break
-            except OSError:
-                assert time.perf_counter() < deadline, "the TCP server did not start listening"
-                time.sleep(0.1)
-        with sock:
-            sock.sendall(_frame({"jsonrpc": "2.0", "id": 1, "method": "initialize",
-                                 "params": {"processId": None, "rootUri": None, "capabilities": {}}}))
-            reply = _read_message(sock)
+        with _tcp_connect(port) as sock:
+            reply = _tcp_initialize(sock, 1, TCP_TOKEN)
             assert reply["id"] == 1 and "inlineCompletionProvider" in reply["result"]["capabilities"]
             sock.sendall(_frame({"jsonrpc": "2.0", "id": 2, "method": "shutdown"}))
             while _read_message(sock).get("id") != 2:
@@ -152,9 +179,52 @@ def _tcp_round_trip():
             sock.sendall(_frame({"jsonrpc": "2.0", "method": "exit"}))
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _ended(proc)
+
+
+async def test_tcp_serves_only_the_client_with_the_token():
+    await asyncio.to_thread(_tcp_gatekeeping)
+
+
+def _tcp_gatekeeping():
+    """Any local process can open a loopback port: before an initialize with the token every
+    request is refused (-32002), a wrong token is refused and the connection closed, and the
+    server still waits for the real client; while that one is connected a second connection is
+    closed at once and receives nothing of the first one's traffic."""
+    proc, port = _tcp_server()
+    try:
+        with _tcp_connect(port) as intruder:
+            intruder.sendall(_frame({"jsonrpc": "2.0", "id": 1, "method": "sdsat/stats", "params": {}}))
+            reply = _read_message(intruder)
+            assert reply["id"] == 1 and reply["error"]["code"] == -32002, reply
+            reply = _tcp_initialize(intruder, 2, "guessed")
+            assert reply["id"] == 2 and reply["error"]["code"] == -32600 and "token" in reply["error"]["message"]
+            assert intruder.recv(4096) == b""  # closed by the server
+        with _tcp_connect(port) as sock:
+            reply = _tcp_initialize(sock, 3, TCP_TOKEN)
+            assert "inlineCompletionProvider" in reply["result"]["capabilities"], reply
+            with _tcp_connect(port) as second:
+                second.settimeout(10)
+                assert second.recv(4096) == b""
+            sock.sendall(_frame({"jsonrpc": "2.0", "id": 4, "method": "sdsat/stats", "params": {}}))
+            while (reply := _read_message(sock)).get("id") != 4:
+                pass
+            assert "result" in reply, reply
+            sock.sendall(_frame({"jsonrpc": "2.0", "id": 5, "method": "shutdown"}))
+            while _read_message(sock).get("id") != 5:
+                pass
+            sock.sendall(_frame({"jsonrpc": "2.0", "method": "exit"}))
+        assert proc.wait(timeout=30) == 0
+    finally:
+        _ended(proc)
+
+
+async def test_tcp_refuses_an_address_beyond_loopback():
+    import subprocess
+
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "sdsat_lsp.cli", "--tcp", "0.0.0.0:2087"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "loopback only" in done.stderr, done.stderr
 
 
 # ---- what the stress storm found (sdsat-lsp stress): each a regression test -----------------

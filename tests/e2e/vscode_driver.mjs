@@ -163,15 +163,22 @@ const context = await browser.newContext({ viewport: { width: 1400, height: 900 
 const page = await context.newPage();
 page.on('pageerror', (error) => log(`page error: ${error.message}`));
 
-try {
-    await step('open', async () => {
-        await page.goto(config.url, { waitUntil: 'domcontentloaded', timeout: 60000 });
-        await page.locator('.monaco-workbench').waitFor({ timeout: 90000 });
-        // The extension activates on startup finished; its status item is the sign.
-        const label = await waitStatus(page, /./, 90000);
+/** An untrusted folder (Restricted Mode) whose .vscode/settings.json names a model: the server
+ * must start with the user's command and load the default model, as if the workspace said nothing. */
+async function untrustedScenario() {
+    await step('restricted', async () => {
+        await page.getByText('Restricted Mode').first().waitFor({ state: 'visible', timeout: 60000 });
+        return {};
+    });
+    await step('untrusted_ready', async () => {
+        const label = await waitStatus(page, /^sdsat-lsp: (ready|error)/, config.readyTimeoutMs);
+        await screenshot(page, 'untrusted');
         return { label };
     });
+}
 
+/** The user-facing scenario: missing command -> model error -> ready -> ghost text -> disable/enable -> crash. */
+async function mainScenario() {
     // Every status label from here on, to check that $/progress reached the status bar.
     const recorder = setInterval(async () => {
         const label = await statusLabel(page);
@@ -268,6 +275,18 @@ try {
     });
 
     clearInterval(recorder);
+}
+
+try {
+    await step('open', async () => {
+        await page.goto(config.url, { waitUntil: 'domcontentloaded', timeout: 60000 });
+        await page.locator('.monaco-workbench').waitFor({ timeout: 90000 });
+        // The extension activates on startup finished; its status item is the sign.
+        const label = await waitStatus(page, /./, 90000);
+        return { label };
+    });
+
+    await (config.scenario === 'untrusted' ? untrustedScenario() : mainScenario());
 } finally {
     save();
     await browser.close();

@@ -35,6 +35,9 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
         vscode.commands.registerCommand('sdsat.restart', () => srv.restart()),
         vscode.commands.registerCommand('sdsat.showLog', () => log.show()),
         vscode.commands.registerCommand('sdsat.menu', () => showMenu(enabled)),
+        // Restricted Mode hides the workspace's values of the restricted settings (package.json:
+        // capabilities.untrustedWorkspaces); once the user trusts the folder they apply.
+        vscode.workspace.onDidGrantWorkspaceTrust(() => srv.pushSettings()),
         vscode.workspace.onDidChangeConfiguration(async (event) => {
             if (needsRestart(event)) {
                 await srv.restart();

@@ -80,7 +80,10 @@ class Process {
 function spawnServer(launch: LaunchSettings): Promise<ChildProcess> {
     return new Promise((resolve, reject) => {
         const cwd = vscode.workspace.workspaceFolders?.[0]?.uri.fsPath ?? os.homedir();
-        const child = spawn(launch.command, launch.args, { cwd, env: process.env, stdio: 'pipe' });
+        // PYTHONSAFEPATH: a `python -m sdsat_lsp.cli` command must not import modules from the
+        // workspace folder it starts in (the folder is the repository's, the command the user's).
+        const env = { ...process.env, PYTHONSAFEPATH: '1' };
+        const child = spawn(launch.command, launch.args, { cwd, env, stdio: 'pipe' });
         // ENOENT and EACCES arrive as an 'error' event instead of 'spawn'.
         child.once('error', reject);
         child.once('spawn', () => resolve(child));

@@ -12,7 +12,7 @@ export const SECTION = 'sdsat';
 /** Settings the server understands, by their wire (camelCase) names: every `sdsat.*` setting in
  * package.json that is not a RESTART_KEY (tests/test_editor_settings.py holds the two lists to that). */
 const SERVER_KEYS = [
-    'model', 'quantize', 'device', 'k', 'lookupNgram', 'draftStore', 'treeNodes', 'draftLength', 'maxTokens',
+    'model', 'quantize', 'device', 'k', 'lookupNgram', 'draftStore', 'treeNodes', 'cacheBudgetMb', 'draftLength', 'maxTokens',
     'timeBudgetMs',
 ] as const;
 

@@ -165,10 +165,20 @@ end
 
 --- The vim.lsp.config entry. Empty settings are left out because Lua encodes {} as a JSON array,
 --- which the server rightly rejects as settings.
+--- The server process, spawned from setup()'s `cmd` alone. vim.lsp.enable() resolves a config by
+--- merging vim.lsp.config('*'), every `lsp/sdsat.lua` on 'runtimepath' and ours: a table `cmd` there
+--- would be merged index by index with ours (extra arguments) and a `cmd_env` or `cmd_cwd` would
+--- pass through (a PATH that finds another `sdsat-lsp`). A function is taken whole, so nothing a
+--- project can put on the runtimepath chooses what runs. PYTHONSAFEPATH keeps `python -m` from
+--- importing modules from the project folder it starts in.
+local function spawn(dispatchers)
+  return vim.lsp.rpc.start(M.opts.cmd, dispatchers, { env = { PYTHONSAFEPATH = '1' } })
+end
+
 local function client_config()
   local settings = non_empty(M.opts.settings)
   return {
-    cmd = M.opts.cmd,
+    cmd = type(M.opts.cmd) == 'table' and spawn or M.opts.cmd,
     filetypes = M.opts.filetypes,
     root_markers = M.opts.root_markers,
     init_options = settings,
