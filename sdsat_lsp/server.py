@@ -1,26 +1,28 @@
-"""The language server: thin pygls 2 handlers around one completion pipeline.
+"""The language server: thin pygls 2 handlers around the completion core (completion.py).
 
     editor --LSP--> handlers (event loop) --Job--> inference worker (one thread)
-        document text + cursor -> prompt (prompt.py) -> KV cache lease (kvcache.py)
-        -> SDSAT decode (engine.py, cancellable between passes) -> completion rules -> item
+        document text + cursor -> completion.complete: prompt, healing, KV cache lease,
+        SDSAT decode (cancellable between passes), completion rules -> item
 
-- The event loop never waits on the model: each request becomes a `Job` run on a single worker
-  thread (the model is used by one generation at a time). A newer request for a document cancels
-  the older one (cancel-previous: Neovim never cancels superseded requests); `$/cancelRequest`
-  cancels the awaiting handler, which sets the job's flag; the engine checks it before every pass.
+- The event loop never waits on the model: each request becomes a `session.Job` run on a single
+  worker thread (the model is used by one generation at a time). A newer request for a document
+  cancels the older one (cancel-previous: Neovim never cancels superseded requests);
+  `$/cancelRequest` cancels the awaiting handler, which sets the job's flag; the engine checks it
+  before every pass. Per-document state is one `session.DocumentState` per URI.
 - torch and transformers are imported, and the model loaded, on the worker after `initialized`
-  (so `initialize` is answered at once), reported with `$/progress`, `window/logMessage` and the
-  custom `sdsat/status` notification ({state: loading|ready|error, message}). Until the model is
-  ready, completion requests get an empty result.
-- Settings are a typed dataclass filled from `initializationOptions` and
-  `workspace/didChangeConfiguration` (camelCase keys, optionally under "sdsat"); a value of the
-  wrong type or out of range is reported with `window/showMessage` and replaced by its default.
+  (loading.py; so `initialize` is answered at once), reported with `$/progress`,
+  `window/logMessage` and the custom `sdsat/status` notification ({state: loading|ready|error,
+  message}). Until the model is ready, completion requests get an empty result.
+- Settings (settings.py) come from `initializationOptions` and `workspace/didChangeConfiguration`
+  (camelCase keys, optionally under "sdsat"); a value of the wrong type or out of range is
+  reported with `window/showMessage` and replaced by its default.
 - Positions are UTF-16 unless the client offers UTF-8/UTF-32 (pygls negotiates
   `general.positionEncodings`); offsets inside the server are code points.
 - `sdsat/stats` answers per-request stats (prompt tokens, tokens reused, prefill/decode ms,
   drafts accepted), the KV cache's contents and the current settings.
 
-This module and `document.py` (the document store) are the only ones that import lsprotocol/pygls.
+In the core only this module, `jsonrpc.py` (the repairs of pygls' protocol), `tcp.py` and
+`document.py` import lsprotocol/pygls. The data flow of one keystroke: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+import pytest_asyncio
 from hypothesis import settings as hypothesis_settings
 
 # Property tests draw the same examples on every run (a fixed seed per test, no example database),
@@ -105,3 +106,49 @@ def tiny_model_dir(tiny_lm, tmp_path_factory):
 
     model, tokenizer, _ = tiny_lm
     return save_tiny(model, tokenizer, tmp_path_factory.mktemp("tiny"), k=4)
+
+
+# ---- the server tests' shared server and reference (tests/lsp_client.py) -------------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def main_server(tiny_model_dir):
+    """One server per test module on the tiny random model, started with BASE_OPTIONS."""
+    from lsp_client import BASE_OPTIONS, Session, capabilities
+
+    session = await Session.start({"model": str(tiny_model_dir), **BASE_OPTIONS}, capabilities())
+    yield session
+    await session.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_lm, tiny_model_dir):
+    """What the server should answer: the completion core (the server's own pipeline) decoding with
+    plain greedy decoding (AR, not SDSAT) by the in-process copy of the same model; returns (the
+    prompt the model was given, the completion, the generation)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import torch
+
+    from lsp_client import BASE_OPTIONS, MAX_TOKENS
+    from sdsat_lsp.completion import complete as complete_at
+    from sdsat_lsp.modelcard import read_model_card
+    from sdsat_lsp.settings import Settings, parse_settings
+
+    model, tokenizer, _ = tiny_lm
+    loaded = SimpleNamespace(model=model, tokenizer=tokenizer, card=read_model_card(tiny_model_dir))
+    base, problems = parse_settings(BASE_OPTIONS, Settings())
+    assert not problems
+
+    def complete(text: str, offset: int, max_tokens: int = MAX_TOKENS, line_mode: str = "auto"):
+        settings = dataclasses.replace(base, max_tokens=max_tokens, line_mode=line_mode)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            result = complete_at(loaded, settings, text, offset, mode="ar")
+        finally:
+            torch.set_num_threads(threads)
+        return result.model_prompt, result.completion, result.generation
+
+    return complete

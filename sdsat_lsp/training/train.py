@@ -1,7 +1,7 @@
 """The SDSAT fine-tuning recipe: teach a causal LM that adaptive tokens placed after a prefix
 predict the next several tokens, without changing what it does on ordinary tokens.
 
-No training code was published; this follows the inference contract (shared/design/sdsat.md).
+No training code was published; this follows the inference contract (docs/decoding.md).
 A training sequence is a batch row of real tokens x_0..x_{T-1} followed by blocks of adaptive
 tokens. Physical order does not matter to a transformer once positions and the mask are explicit,
 so blocks go after the real tokens, which keeps the real part an ordinary causal LM:
