@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -78,7 +79,8 @@ class SdsatServer(LanguageServer):
         self.kv: KVCacheStore | None = None  # the documents' KV caches, once the model is loaded
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdsat-infer")
         self.docs = Documents()  # per document: its newest job and prompt window
-        self.recent: deque[dict] = deque(maxlen=256)
+        self.recent: deque[dict] = deque(maxlen=256)  # appended by the worker, read by sdsat/stats
+        self.recent_lock = threading.Lock()  # iterating a deque while another thread appends raises
         self.seq = itertools.count(1)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.load_task: asyncio.Task | None = None
@@ -257,7 +259,8 @@ class SdsatServer(LanguageServer):
             completion = None
         stats["totalMs"] = round((time.perf_counter() - job.created) * 1e3, 2)
         stats["items"] = int(completion is not None)
-        self.recent.append(stats)
+        with self.recent_lock:
+            self.recent.append(stats)
         log.info("[req %s] %s", job.request_id, " ".join(f"{k}={v}" for k, v in stats.items() if k not in ("uri", "requestId")))
         return Outcome(completion, stats)
 
@@ -281,7 +284,9 @@ class SdsatServer(LanguageServer):
             if isinstance(data, dict):
                 last = data.get("last", last) if isinstance(data.get("last"), int) else last
                 uri = data.get("uri") if isinstance(data.get("uri"), str) else None
-        requests = [r for r in self.recent if uri is None or r["uri"] == uri][-max(0, last):] if last else []
+        with self.recent_lock:
+            recent = list(self.recent)
+        requests = [r for r in recent if uri is None or r["uri"] == uri][-max(0, last):] if last else []
         cache = self.kv.summary() if self.kv is not None else {"documents": 0, "bytes": 0, "per_document": {}}
         per_doc = cache.pop("per_document", {})
         cache["perDocument"] = [{"uri": u, **v} for u, v in per_doc.items()]
