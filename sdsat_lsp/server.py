@@ -53,7 +53,8 @@ from .jsonrpc import LenientStdin, Protocol, plain
 from .kvcache import KVCacheStore
 from .loading import load_blocking
 from .prompt import Completion
-from .session import Documents, Job, Outcome
+from . import faults, session
+from .session import Documents, Job, Outcome, return_memory
 from .settings import RELOAD_KEYS, Settings, camel, parse_settings, settings_to_wire
 from .tcp import new_token, parse_address, serve_tcp
 
@@ -86,6 +87,7 @@ class SdsatServer(LanguageServer):
         self.load_task: asyncio.Task | None = None
         self.startup: dict[str, Any] = {}  # when initialize was answered, whether torch was in yet
         self.drafts = DraftStoreBuilder(self.from_worker)  # the draft store, built beside the worker
+        self.trim_pending = False  # a return_memory is queued on the worker
 
     # -- notifications to the client (always from the event loop thread) --------------------------
 
@@ -225,10 +227,18 @@ class SdsatServer(LanguageServer):
             log.info("completion for unknown document %s", uri)
             return None
         assert isinstance(doc, Document), "the workspace holds document.Document"
+        state = self.docs.get(uri, self.kv)
+        if len(doc) > session.MAX_COMPLETION_CHARS:
+            if not state.too_big_logged:
+                state.too_big_logged = True
+                message = (f"{uri} has {len(doc):,} characters, more than the {session.MAX_COMPLETION_CHARS:,} "
+                           "completions are made for: no completions there")
+                log.info("%s", message)
+                self.log_to_client(f"sdsat-lsp: {message}")
+            return None
         text = doc.source
         offset = doc.offset_at_position(position)
         cursor, line_start, line_end = doc.position_at_offset(offset)
-        state = self.docs.get(uri)
         job = Job(next(self.seq), self.protocol.msg_id, uri, text, offset, self.settings, state)
         if state.job is not None:
             state.job.cancel.set()  # cancel-previous: the newest request for a document wins
@@ -273,8 +283,26 @@ class SdsatServer(LanguageServer):
                           draft_store=self.drafts.store, cancel=job.cancel.is_set,
                           deadline=job.created + s.time_budget_ms / 1e3 if s.time_budget_ms else None)
         job.doc.window_head = result.prompt.window_head
+        if job.doc.closed:  # closed while this ran: its cache, stored just now, goes too
+            kv.drop(job.uri)
         stats.update(result.stats)
         return result.completion
+
+    def return_memory_soon(self) -> None:
+        """`session.return_memory` on the worker (after the job under way), once however many
+        documents close at a time."""
+        if self.trim_pending:
+            return
+        self.trim_pending = True
+
+        def run() -> None:
+            self.trim_pending = False
+            return_memory()
+
+        try:
+            self.worker.submit(run)
+        except RuntimeError:  # shut down
+            pass
 
     def stats_report(self, params: Any) -> dict:
         last = 50
@@ -296,8 +324,11 @@ class SdsatServer(LanguageServer):
             lm = self.loaded
             model = {"ref": lm.ref, "device": lm.device, "quantize": lm.quantize, "dtype": lm.dtype,
                      "k": lm.card.k, "fim": bool(lm.card.fim), "loadMs": round(lm.load_ms, 1)}
+        documents = {"open": len(self.workspace.text_documents) if self.protocol.has_workspace else 0,
+                     "withState": len(self.docs), "maxWithState": session.MAX_DOCUMENTS, "forgotten": self.docs.forgotten,
+                     "maxCompletionChars": session.MAX_COMPLETION_CHARS}
         return {"state": self.state, "message": self.state_message, "model": model, "cache": cache,
-                "draftStore": self.drafts.info,
+                "documents": documents, "draftStore": self.drafts.info,
                 "settings": settings_to_wire(self.settings), "requests": requests, "startup": self.startup,
                 "positionEncoding": str(self.workspace.position_encoding) if self.protocol.has_workspace else None}
 
@@ -414,6 +445,7 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
         uri = params.text_document.uri
         freed = ls.docs.close(uri, ls.kv)
         log.info("closed %s: freed %d bytes of KV cache", uri, freed)
+        ls.return_memory_soon()
 
     @server.feature(STATS)
     def on_stats(ls: SdsatServer, params: Any = None) -> dict:
@@ -437,6 +469,7 @@ def serve(args) -> int:
         value = getattr(args, name, None)
         if value:
             cli = dataclasses.replace(cli, **{name: value})
+    faults.apply_test_limits()
     server = build_server(cli)
     if getattr(args, "verbose", 0) < 2:
         logging.getLogger("pygls").setLevel(logging.WARNING)  # it logs every message at INFO
