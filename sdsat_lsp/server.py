@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -54,7 +55,8 @@ from .jsonrpc import LenientStdin, Protocol, plain
 from .kvcache import KVCacheStore
 from .loading import load_blocking
 from .prompt import Completion
-from .session import Documents, Job, Outcome
+from . import faults, session
+from .session import Documents, Job, Outcome, return_memory
 from .settings import RELOAD_KEYS, Settings, camel, parse_settings, settings_to_wire
 from .tcp import new_token, parse_address, serve_tcp
 
@@ -84,13 +86,15 @@ class SdsatServer(LanguageServer):
         self.kv: KVCacheStore | None = None  # the documents' KV caches, once the model is loaded
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdsat-infer")
         self.docs = Documents()  # per document: its newest job and prompt window
-        self.recent: deque[dict] = deque(maxlen=256)
+        self.recent: deque[dict] = deque(maxlen=256)  # appended by the worker, read by sdsat/stats
+        self.recent_lock = threading.Lock()  # iterating a deque while another thread appends raises
         self.seq = itertools.count(1)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.load_task: asyncio.Task | None = None
         self.startup: dict[str, Any] = {}  # when initialize was answered, whether torch was in yet
         self.drafts = DraftStoreBuilder(self.from_worker)  # the draft store, built beside the worker
         self.loop_block_ms = 0.0  # the longest the event loop was late for its watch (see watch_loop)
+        self.trim_pending = False  # a return_memory is queued on the worker
 
     # -- notifications to the client (always from the event loop thread) --------------------------
 
@@ -253,10 +257,18 @@ class SdsatServer(LanguageServer):
             log.info("completion for unknown document %s", uri)
             return None
         assert isinstance(doc, Document), "the workspace holds document.Document"
+        state = self.docs.get(uri, self.kv)
+        if len(doc) > session.MAX_COMPLETION_CHARS:
+            if not state.too_big_logged:
+                state.too_big_logged = True
+                message = (f"{uri} has {len(doc):,} characters, more than the {session.MAX_COMPLETION_CHARS:,} "
+                           "completions are made for: no completions there")
+                log.info("%s", message)
+                self.log_to_client(f"sdsat-lsp: {message}")
+            return None
         text = doc.source
         offset = doc.offset_at_position(position)
         cursor, line_start, line_end = doc.position_at_offset(offset)
-        state = self.docs.get(uri)
         job = Job(next(self.seq), self.protocol.msg_id, uri, text, offset, self.settings, state)
         if state.job is not None:
             state.job.cancel.set()  # cancel-previous: the newest request for a document wins
@@ -287,7 +299,8 @@ class SdsatServer(LanguageServer):
             completion = None
         stats["totalMs"] = round((time.perf_counter() - job.created) * 1e3, 2)
         stats["items"] = int(completion is not None)
-        self.recent.append(stats)
+        with self.recent_lock:
+            self.recent.append(stats)
         log.info("[req %s] %s", job.request_id, " ".join(f"{k}={v}" for k, v in stats.items() if k not in ("uri", "requestId")))
         return Outcome(completion, stats)
 
@@ -301,8 +314,26 @@ class SdsatServer(LanguageServer):
                           deadline=job.created + s.time_budget_ms / 1e3 if s.time_budget_ms else None,
                           hard_deadline=job.created + s.deadline_ms / 1e3 if s.deadline_ms else None)
         job.doc.window_head = result.prompt.window_head
+        if job.doc.closed:  # closed while this ran: its cache, stored just now, goes too
+            kv.drop(job.uri)
         stats.update(result.stats)
         return result.completion
+
+    def return_memory_soon(self) -> None:
+        """`session.return_memory` on the worker (after the job under way), once however many
+        documents close at a time."""
+        if self.trim_pending:
+            return
+        self.trim_pending = True
+
+        def run() -> None:
+            self.trim_pending = False
+            return_memory()
+
+        try:
+            self.worker.submit(run)
+        except RuntimeError:  # shut down
+            pass
 
     def stats_report(self, params: Any) -> dict:
         last = 50
@@ -312,7 +343,9 @@ class SdsatServer(LanguageServer):
             if isinstance(data, dict):
                 last = data.get("last", last) if isinstance(data.get("last"), int) else last
                 uri = data.get("uri") if isinstance(data.get("uri"), str) else None
-        requests = [r for r in self.recent if uri is None or r["uri"] == uri][-max(0, last):] if last else []
+        with self.recent_lock:
+            recent = list(self.recent)
+        requests = [r for r in recent if uri is None or r["uri"] == uri][-max(0, last):] if last else []
         cache = self.kv.summary() if self.kv is not None else {"documents": 0, "bytes": 0, "per_document": {}}
         per_doc = cache.pop("per_document", {})
         cache["perDocument"] = [{"uri": u, **v} for u, v in per_doc.items()]
@@ -322,8 +355,12 @@ class SdsatServer(LanguageServer):
             lm = self.loaded
             model = {"ref": lm.ref, "device": lm.device, "quantize": lm.quantize, "dtype": lm.dtype,
                      "k": lm.card.k, "fim": bool(lm.card.fim), "loadMs": round(lm.load_ms, 1)}
+        documents = {"open": len(self.workspace.text_documents) if self.protocol.has_workspace else 0,
+                     "withState": len(self.docs), "maxWithState": session.MAX_DOCUMENTS, "forgotten": self.docs.forgotten,
+                     "maxCompletionChars": session.MAX_COMPLETION_CHARS}
         return {"state": self.state, "message": self.state_message, "model": model, "cache": cache,
-                "draftStore": self.drafts.info, "eventLoop": {"maxBlockMs": round(self.loop_block_ms, 1)},
+                "documents": documents, "draftStore": self.drafts.info,
+                "eventLoop": {"maxBlockMs": round(self.loop_block_ms, 1)},
                 "settings": settings_to_wire(self.settings), "requests": requests, "startup": self.startup,
                 "positionEncoding": str(self.workspace.position_encoding) if self.protocol.has_workspace else None}
 
@@ -441,6 +478,7 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
         uri = params.text_document.uri
         freed = ls.docs.close(uri, ls.kv)
         log.info("closed %s: freed %d bytes of KV cache", uri, freed)
+        ls.return_memory_soon()
 
     @server.feature(STATS)
     def on_stats(ls: SdsatServer, params: Any = None) -> dict:
@@ -464,6 +502,7 @@ def serve(args) -> int:
         value = getattr(args, name, None)
         if value:
             cli = dataclasses.replace(cli, **{name: value})
+    faults.apply_test_limits()
     server = build_server(cli)
     if getattr(args, "verbose", 0) < 2:
         logging.getLogger("pygls").setLevel(logging.WARNING)  # it logs every message at INFO

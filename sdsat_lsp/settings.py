@@ -52,7 +52,11 @@ _RANGES = {
     "threads": (0, 1024), "k": (0, 64), "lookup_ngram": (0, 16), "tree_nodes": (0, 64), "max_tokens": (1, 4096), "time_budget_ms": (0, 600_000),
     "deadline_ms": (0, 600_000),
     "max_prompt_tokens": (16, 1 << 20), "max_suffix_tokens": (0, 1 << 16), "temperature": (0.0, 100.0),
-    "top_k": (0, 1 << 20), "top_p": (1e-6, 1.0), "seed": (-1, 2**62), "cache_budget_mb": (0, 1 << 24),
+    "top_k": (0, 1 << 20), "top_p": (1e-6, 1.0), "seed": (-1, 2**62),
+    # 64 GiB: room for the KV caches of a 7B model over hundreds of documents, and a bound that means
+    # something (16 TiB was accepted). editors/vscode/package.json declares the same maximum
+    # (tests/test_editor_settings.py keeps every declared range equal to the server's).
+    "cache_budget_mb": (0, 65536),
 }
 
 

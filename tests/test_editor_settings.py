@@ -44,3 +44,21 @@ def test_a_workspace_cannot_choose_what_runs_or_what_it_loads():
     assert untrusted["supported"] == "limited"
     restricted = set(untrusted["restrictedConfigurations"])
     assert {"sdsat.model", "sdsat.draftStore", "sdsat.cacheBudgetMb"} <= restricted <= set(properties)
+
+
+def test_declared_ranges_are_the_servers():
+    """A range the extension declares is the one the server enforces: VS Code's settings editor
+    would otherwise accept values the server replaces by defaults (or refuse ones it takes). The
+    cache budget's ceiling (issue 17: 16 TiB was accepted) is one of them."""
+    from sdsat_lsp.settings import _RANGES
+
+    package = json.loads((EXTENSION / "package.json").read_text())
+    properties = package["contributes"]["configuration"]["properties"]
+    by_wire = {camel(name): name for name in _RANGES}
+    declared = {key.removeprefix("sdsat."): (p["minimum"], p["maximum"]) for key, p in properties.items()
+                if "minimum" in p or "maximum" in p}
+    assert declared, "no ranges declared"
+    for key, (lo, hi) in declared.items():
+        assert key in by_wire, f"{key}: declared with a range the server does not check"
+        assert (lo, hi) == _RANGES[by_wire[key]], key
+    assert _RANGES["cache_budget_mb"] == (0, 65536)
