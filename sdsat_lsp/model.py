@@ -78,6 +78,8 @@ class LoadedModel:
     load_ms: float
     weight_bytes: int = 0  # parameters and buffers as loaded
     folder: str = ""  # the local folder the files came from (a hub id's snapshot)
+    # Modules left in `dtype` because the quantization kernel cannot take their shapes (nf4 only).
+    unquantized: list[str] = dataclasses.field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,8 +187,8 @@ def weight_files(folder: Path) -> list[Path]:
 # Memory: checked before loading, so that a model too big fails with a message, not the OOM killer.
 
 
-def _tensor_shapes(files: list[Path]) -> dict[str, tuple[int, int]]:
-    """name -> (element count, number of dimensions), from the file headers (no weights read)."""
+def _header_shapes(files: list[Path]) -> dict[str, list[int]]:
+    """name -> shape, from the safetensors file headers (no weights read)."""
     import json
     import struct
 
@@ -195,12 +197,18 @@ def _tensor_shapes(files: list[Path]) -> dict[str, tuple[int, int]]:
         with open(f, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(length))
-        for name, info in header.items():
-            if name != "__metadata__":
-                count = 1
-                for d in info["shape"]:
-                    count *= d
-                out[name] = (count, len(info["shape"]))
+        out.update((name, list(info["shape"])) for name, info in header.items() if name != "__metadata__")
+    return out
+
+
+def _tensor_shapes(files: list[Path]) -> dict[str, tuple[int, int]]:
+    """name -> (element count, number of dimensions), from the file headers (no weights read)."""
+    out = {}
+    for name, shape in _header_shapes(files).items():
+        count = 1
+        for d in shape:
+            count *= d
+        out[name] = (count, len(shape))
     return out
 
 
@@ -312,6 +320,54 @@ def _quiet_bitsandbytes() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# NF4 and awkward shapes.
+
+# bitsandbytes (0.50) quantizes a 4-bit weight (out, in) in blocks of 64 values (Params4bit's
+# default blocksize), which any shape allows; but on a CPU with AVX-512 bf16 Linear4bit repacks
+# the weight on its first forward (functional._convert_weight_packed_for_cpu), which asserts
+# out % block_n == 0 (block_n 32) and reshapes the absmax to (out, in / blocksize), so it needs
+# in % 64 == 0 too. The rule is applied on every machine, whatever its CPU or GPU: a model then
+# loads the same way everywhere, and a kernel that another machine picks cannot crash mid-request.
+_NF4_BLOCKSIZE = 64
+
+
+def nf4_shape_rule() -> tuple[int, int]:
+    """(out multiple, in multiple) that a Linear's weight needs to be quantized to NF4."""
+    import inspect
+
+    block_n = 32
+    try:
+        from bitsandbytes import functional as bnb_functional
+
+        block_n = int(inspect.signature(bnb_functional._convert_weight_packed_for_cpu).parameters["block_n"].default)
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
+        pass  # another bitsandbytes: keep 0.50's figure, the stricter side is harmless
+    return block_n, _NF4_BLOCKSIZE
+
+
+def nf4_skip_modules(folder: Path, config) -> tuple[list[str], list[str]]:
+    """(modules bitsandbytes should not convert, the subset left out for their shapes alone).
+
+    The first list is transformers' own default (the output head, tied weights) plus every Linear
+    whose weight the rule of `nf4_shape_rule` rejects: passing `llm_int8_skip_modules` replaces the
+    default, so it is computed here on a weightless (meta) copy of the model."""
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    default = sorted(get_keys_to_not_convert(skeleton))
+    rows, cols = nf4_shape_rule()
+    unfit = [
+        name
+        for name, module in skeleton.named_modules()
+        if isinstance(module, nn.Linear) and (module.out_features % rows or module.in_features % cols)
+        and not any(name == d or name.startswith(d + ".") for d in default)
+    ]
+    return default + unfit, unfit
+
+
+# ----------------------------------------------------------------------------------------------
 # Loading.
 
 
@@ -361,9 +417,23 @@ def load_model(
 
     torch_dtype = getattr(torch, dtype)
     kwargs: dict[str, Any] = dict(use_safetensors=True, dtype=torch_dtype)
+    unquantized: list[str] = []
     if quantize == "nf4":
+        skip = None
+        try:
+            from transformers import AutoConfig
+
+            skip, unquantized = nf4_skip_modules(folder, AutoConfig.from_pretrained(folder))
+        except (OSError, ValueError, KeyError) as exc:
+            raise SdsatError(f"could not read the model configuration in {folder}: {exc}") from exc
+        if unquantized:
+            rows, cols = nf4_shape_rule()
+            log.warning(
+                "nf4: %d module(s) stay unquantized (%s): bitsandbytes' 4-bit kernel needs out %% %d == 0 and "
+                "in %% %d == 0: %s", len(unquantized), dtype, rows, cols, ", ".join(unquantized))
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype,
+            llm_int8_skip_modules=skip if unquantized else None,
         )
     elif quantize == "int8":
         # Threshold 0: no fp16 outlier columns shared across a pass's rows (see the docstring).
@@ -387,7 +457,8 @@ def load_model(
     weight_bytes += sum(_packed_bytes(m) for m in model.modules())  # fbgemm's packed weights are not parameters
     load_ms = (time.perf_counter() - started) * 1e3
     log.info("loaded %s in %.0f ms: %s of weights", os.fspath(ref), load_ms, _gib(weight_bytes))
-    return LoadedModel(model, tokenizer, card, os.fspath(ref), device, quantize, dtype, load_ms, weight_bytes, os.fspath(folder))
+    return LoadedModel(model, tokenizer, card, os.fspath(ref), device, quantize, dtype, load_ms, weight_bytes,
+                       os.fspath(folder), unquantized)
 
 
 # ----------------------------------------------------------------------------------------------
