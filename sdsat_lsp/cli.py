@@ -54,7 +54,15 @@ def _draft_store_parser(sub) -> None:
     p.set_defaults(run=draftstore.main)
 
 
-TOOLS = ("bench", "train", "eval", "stress", "draft-store")
+def _corpus_parser(sub) -> None:
+    p = sub.add_parser("corpus", help="token shards and a manifest from the standard library and the venv's package sources")
+    from . import corpus
+
+    corpus.add_arguments(p)
+    p.set_defaults(run=corpus.main)
+
+
+TOOLS = ("bench", "train", "eval", "stress", "draft-store", "corpus")
 
 
 def build_parser(tools: bool = True) -> argparse.ArgumentParser:
@@ -74,6 +82,7 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
         _eval_parser(sub)
         _stress_parser(sub)
         _draft_store_parser(sub)
+        _corpus_parser(sub)
     return parser
 
 
