@@ -7,9 +7,11 @@ runs and machines are comparable, and the held-out split is a pure function of t
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,7 +253,7 @@ def deduplicate(files: list[tuple[SourceFile, str]], threshold: float = 0.8, pro
     for n, (src, text) in enumerate(files):
         if progress and n % 500 == 0:
             progress(f"dedup {n}/{len(files)}")
-        digest = hashlib.sha256("\n".join(line.rstrip() for line in text.splitlines()).encode()).digest()
+        digest = hashlib.sha256("\n".join(line.rstrip() for line in text.splitlines()).strip().encode()).digest()
         if digest in seen:
             exact += 1
             continue
@@ -345,7 +347,7 @@ def document_tokens(text: str, tokenizer, eos: int, fim_ids: dict[str, int] | No
 
 
 def collect_corpus(stdlib: Path | None, site: Path | None, only: list[str] | None = None, progress=print):
-    """(files with text, exclusion counts) from the roots, sorted by package then path."""
+    """(files with text, exclusion counts) from the roots, sorted by root, package, path."""
     exclusions: dict[str, int] = {}
     files = []
     for root, prefix in ((stdlib, "stdlib"), (site, "site")):
@@ -358,7 +360,8 @@ def collect_corpus(stdlib: Path | None, site: Path | None, only: list[str] | Non
     if only:
         wanted = set(only)
         files = [f for f in files if f[0].package in wanted or f[0].package.split("/", 1)[1] in wanted]
-    files.sort(key=lambda f: (f[0].package, f[0].rel))
+    # The standard library first: of two copies, the original is the one kept.
+    files.sort(key=lambda f: (not f[0].package.startswith("stdlib/"), f[0].package, f[0].rel))
     if not files:
         raise SdsatError("no Python files left in the corpus (check --packages and the roots)")
     return files, exclusions
@@ -368,7 +371,8 @@ def build_corpus(out: Path, *, stdlib: Path | None, site: Path | None, seed: int
                  vocab_size: int = 16384, tokenizer_dir: Path | None = None, tokenizer_bytes: int = 40_000_000,
                  fim_rate: float = 0.5, spm_rate: float = 0.5, fim_chars: int = 3000, held_fraction: float = 0.05,
                  near_threshold: float = 0.8, shard_tokens: int = 1 << 25, max_train_tokens: int | None = None,
-                 slot_tokens: int = 8, command: str = "", progress=None) -> dict:
+                 slot_tokens: int = 8, command: str = "", progress=None, vocab_sweep: list[int] | None = None,
+                 compress: bool = False, held_max_share: float = 0.02) -> dict:
     """Everything `sdsat-lsp corpus` writes into `out`; returns the manifest."""
     import json
 
@@ -384,7 +388,7 @@ def build_corpus(out: Path, *, stdlib: Path | None, site: Path | None, seed: int
     size: dict[str, int] = {}
     for src, text in files:
         size[src.package] = size.get(src.package, 0) + len(text.encode())
-    held = set(held_out_packages(size, seed, held_fraction))
+    held = set(held_out_packages(size, seed, held_fraction, held_max_share))
     train_files = [f for f in files if f[0].package not in held]
     held_files = [f for f in files if f[0].package in held]
     if not held_files or not train_files:
@@ -392,16 +396,31 @@ def build_corpus(out: Path, *, stdlib: Path | None, site: Path | None, seed: int
 
     from .tinymodel import ADAPTIVE_TOKEN, FIM_TOKENS, slot_token_names, train_tokenizer
 
+    # A fixed sample of the training split (every n-th file), not all of it: BPE merges settle
+    # long before 200 MB, and training on it all would take most of the command's time.
+    total = sum(len(t) for _, t in train_files)
+    stride = max(1, round(total / tokenizer_bytes))
+    texts = [t for _, t in train_files[::stride]]
+    sweep = []
+    for size in vocab_sweep or []:
+        progress(f"vocabulary sweep: a {size}-token BPE on {len(texts)} files")
+        started = time.perf_counter()
+        candidate = train_tokenizer(vocab_size=size, texts=texts, slot_tokens=slot_tokens)
+        seconds = time.perf_counter() - started
+        held_texts = [t for _, t in held_files]
+        tokens = sum(len(e.ids) for e in candidate.backend_tokenizer.encode_batch(held_texts, add_special_tokens=False))
+        lines = sum(t.count("\n") + 1 for t in held_texts)
+        sweep.append({"vocab_size": size, "held_tokens": tokens, "held_lines": lines,
+                      "tokens_per_line": round(tokens / lines, 4), "chars_per_token": round(sum(map(len, held_texts)) / tokens, 4),
+                      "train_seconds": round(seconds, 1)})
+        progress(f"vocabulary sweep: {sweep[-1]}")
+    if sweep:
+        (out / "vocab_sweep.json").write_text(json.dumps(sweep, indent=2) + "\n")
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
-        # A fixed sample of the training split (every n-th file), not all of it: BPE merges settle
-        # long before 200 MB, and training on it all would take most of the command's time.
-        total = sum(len(t) for _, t in train_files)
-        stride = max(1, round(total / tokenizer_bytes))
-        texts = [t for _, t in train_files[::stride]]
         progress(f"training a {vocab_size}-token BPE on {len(texts)} files ({sum(map(len, texts)) >> 20} MiB)")
         tokenizer = train_tokenizer(vocab_size=vocab_size, texts=texts, slot_tokens=slot_tokens)
     tokenizer.save_pretrained(out / "tokenizer")
@@ -420,7 +439,7 @@ def build_corpus(out: Path, *, stdlib: Path | None, site: Path | None, seed: int
             while len(buffer) >= shard_tokens or (final and buffer):
                 chunk = np.asarray(buffer[:shard_tokens], dtype=dtype)
                 name = f"{split}-{sum(1 for s in shards if s['split'] == split):03d}.npy"
-                np.save(out / name, chunk)
+                _save_shard(out / name, chunk, compress)
                 shards.append({"file": name, "split": split, "tokens": int(len(chunk)),
                                "sha256": hashlib.sha256(chunk.tobytes()).hexdigest()[:16]})
                 buffer = buffer[shard_tokens:]
@@ -459,7 +478,8 @@ def build_corpus(out: Path, *, stdlib: Path | None, site: Path | None, seed: int
         "held_files": len(held_files),
         "file_list_hash": h.hexdigest()[:16],
         "held_out_packages": sorted(held),
-        "held_out_rule": f"packages in sha256('{seed}/'+name) order, each <= 2% of the bytes, until {held_fraction:.0%} of the bytes",
+        "held_out_rule": f"packages in sha256('{seed}/'+name) order, each <= {held_max_share:.0%} of the bytes, "
+                         f"until {held_fraction:.0%} of the bytes",
         "held_roots": sorted({str(s.path.parents[len(s.rel.split('/')) - 2]) if '/' in s.rel else str(s.path)
                               for s, _ in held_files}),
         "exclusions": exclusions,
@@ -469,6 +489,8 @@ def build_corpus(out: Path, *, stdlib: Path | None, site: Path | None, seed: int
         "held_tokens": sum(s["tokens"] for s in shards if s["split"] == "held"),
         "max_train_tokens": max_train_tokens,
         "dtype": np.dtype(dtype).name,
+        "compressed": compress,
+        "vocab_sweep": sweep,
         "shards": shards,
         "tokenizer": {"vocab_size": len(tokenizer), "trained_here": tokenizer_dir is None,
                       "sample_bytes": tokenizer_bytes, "eos": eos, "fim": fim_ids,
@@ -482,6 +504,36 @@ def build_corpus(out: Path, *, stdlib: Path | None, site: Path | None, seed: int
     progress(f"wrote {len(shards)} shards, {manifest['train_tokens']} training and {manifest['held_tokens']} "
              f"held-out tokens to {out}")
     return manifest
+
+
+def _save_shard(path: Path, chunk, compress: bool) -> None:
+    """`.npy`, or with `compress` `.npy.xz` (token ids shrink to about a fifth: what lets a corpus of
+    ~45M tokens travel to a GPU machine within a 64 MiB transfer)."""
+    import io
+    import lzma
+
+    import numpy as np
+
+    if not compress:
+        np.save(path, chunk)
+        return
+    buffer = io.BytesIO()
+    np.save(buffer, chunk)
+    Path(f"{path}.xz").write_bytes(lzma.compress(buffer.getvalue(), preset=1))
+
+
+def _load_shard(path: Path):
+    import io
+    import lzma
+
+    import numpy as np
+
+    if path.is_file():
+        return np.load(path)
+    packed = Path(f"{path}.xz")
+    if not packed.is_file():
+        raise SdsatError(f"corpus shard {path} (or {packed.name}) is missing")
+    return np.load(io.BytesIO(lzma.decompress(packed.read_bytes())))
 
 
 def load_corpus(folder: str | Path) -> dict:
@@ -499,7 +551,7 @@ def load_corpus(folder: str | Path) -> dict:
     manifest = json.loads(path.read_text())
     parts: dict[str, list] = {"train": [], "held": []}
     for shard in manifest["shards"]:
-        parts[shard["split"]].append(np.load(folder / shard["file"]).astype(np.int32))
+        parts[shard["split"]].append(_load_shard(folder / shard["file"]).astype(np.int32))
     return {
         "train": torch.from_numpy(np.concatenate(parts["train"])),
         "held": torch.from_numpy(np.concatenate(parts["held"])),
@@ -524,9 +576,13 @@ def add_arguments(p) -> None:
     p.add_argument("--spm-rate", type=float, default=0.5, help="share of FIM examples in SPM order (the rest PSM)")
     p.add_argument("--fim-chars", type=int, default=3000, help="FIM pieces are at most about this many characters")
     p.add_argument("--held-fraction", type=float, default=0.05, help="share of bytes in held-out packages")
+    p.add_argument("--held-max-share", type=float, default=0.02, help="a package bigger than this share of the bytes always trains")
     p.add_argument("--near-threshold", type=float, default=0.8, help="estimated Jaccard above which a file is a near duplicate")
     p.add_argument("--shard-tokens", type=int, default=1 << 25)
     p.add_argument("--max-train-tokens", type=int, help="stop adding training files at this many tokens")
+    p.add_argument("--compress", action="store_true", help="write shards as .npy.xz (about 5x smaller)")
+    p.add_argument("--vocab-sweep", help="comma-separated vocabulary sizes to measure first (tokens per held-out line), "
+                                         "written to vocab_sweep.json")
 
 
 def main(args) -> int:
@@ -544,9 +600,10 @@ def main(args) -> int:
         seed=args.seed, packages=[p for p in (args.packages or "").split(",") if p] or None,
         vocab_size=args.vocab_size, tokenizer_dir=Path(args.tokenizer) if args.tokenizer else None,
         tokenizer_bytes=int(args.tokenizer_mb * 2**20), fim_rate=args.fim_rate, spm_rate=args.spm_rate,
-        fim_chars=args.fim_chars, held_fraction=args.held_fraction, near_threshold=args.near_threshold,
+        fim_chars=args.fim_chars, held_fraction=args.held_fraction, held_max_share=args.held_max_share, near_threshold=args.near_threshold,
         shard_tokens=args.shard_tokens, max_train_tokens=args.max_train_tokens, slot_tokens=args.adaptive_slots,
-        command="sdsat-lsp " + " ".join(sys.argv[1:]), progress=progress)
+        command="sdsat-lsp " + " ".join(sys.argv[1:]), progress=progress, compress=args.compress,
+        vocab_sweep=[int(v) for v in args.vocab_sweep.split(",")] if args.vocab_sweep else None)
     summary = {k: manifest[k] for k in ("files", "train_files", "held_files", "file_list_hash", "held_out_packages",
                                         "exclusions", "train_tokens", "held_tokens")}
     print(json.dumps(summary, indent=2))
