@@ -247,6 +247,9 @@ def train_steps(
     params=None,
     on_step=None,
     targets: str = "data",
+    slot_decay: float = 1.0,
+    soft_weight: float = 0.0,
+    real_weight: float = 1.0,
 ):
     """A plain AdamW loop over random windows; returns the last (real, adaptive) losses."""
     rng = random.Random(seed)
@@ -259,7 +262,7 @@ def train_steps(
     for step in range(steps):
         tokens = token_chunks(token_stream, seq_len, rng, batch_size)
         real, adaptive = train_step(model, opt, sched, params, tokens, adaptive_ids, max_block, blocks_per_row,
-                                    adaptive_weight, rng, targets)
+                                    adaptive_weight, rng, targets, slot_decay, soft_weight, real_weight)
         if on_step is not None:
             on_step(step, real.item(), adaptive.item())
     model.eval()
@@ -286,8 +289,9 @@ def add_arguments(p) -> None:
                         "layers=N,hidden=N,intermediate=N,heads=N,kv=N")
     p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer size for a model trained from scratch")
     p.add_argument("--context", type=int, default=2048, help="context length of a model trained from scratch")
-    p.add_argument("--peft", choices=["auto", "lora", "none"], default="auto",
-                   help="lora: adapters plus the adaptive-token embedding (the default with --init); none: all weights")
+    p.add_argument("--peft", choices=["auto", "lora", "none", "adaptive-rows"], default="auto",
+                   help="lora: adapters plus the adaptive-token embedding (the default with --init); none: all weights; "
+                        "adaptive-rows: only the adaptive tokens' embedding rows (real-token outputs stay exactly the base's)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--adaptive-id", type=int, help="adaptive token id (default: the card's, else a new special token)")
     p.add_argument("--steps", type=int, default=2000)
@@ -415,6 +419,20 @@ def _pretrained_model(args):
     return model, tokenizer, ids
 
 
+def freeze_all_but_adaptive_rows(model, adaptive_ids) -> list:
+    """Train only the adaptive tokens' input-embedding rows: capacity used at adaptive positions
+    alone. Real tokens never attend to adaptive ones, so every real token's output stays bitwise
+    the base model's (AdamW without weight decay leaves a zero-gradient row untouched)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    weight = model.get_input_embeddings().weight
+    weight.requires_grad_(True)
+    keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    keep[sorted(set(adaptive_ids))] = 1
+    weight.register_hook(lambda grad: grad * keep)
+    return [weight]
+
+
 def _wrap_lora(model, adaptive_ids, rank):
     """LoRA adapters on every projection plus a trainable row for each adaptive token (peft's
     trainable_token_indices), so what makes a model SDSAT-capable ships as a small delta."""
@@ -516,6 +534,8 @@ def run_training(args) -> dict:
         report_path.write_text(json.dumps(report, indent=2))
     if peft_mode == "lora":
         model = _wrap_lora(model, adaptive_ids, args.lora_rank)
+    elif peft_mode == "adaptive-rows":
+        freeze_all_but_adaptive_rows(model, adaptive_ids)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     warmup = args.warmup or min(100, args.steps // 10 + 1)
@@ -576,7 +596,7 @@ def run_training(args) -> dict:
                         tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
         if step % args.checkpoint_every == 0 or step == args.steps:
             _save_checkpoint(ckpt, model, opt, sched, step, rng, args.steps, budget_settled)
-            if peft_mode == "none":  # a usable snapshot at every checkpoint (long runs end without warning)
+            if peft_mode != "lora":  # a usable snapshot at every checkpoint (long runs end without warning)
                 _save_final(model, tokenizer, adaptive_ids, args, out / "snapshot", peft_mode, data.get("manifest"))
             # A few held-out windows show when more steps stop helping (over-fitting a small corpus).
             model.eval()

@@ -155,3 +155,28 @@ def test_without_a_budget_a_resume_follows_the_command_lines_steps(tmp_path, sma
     report = run_training(_args(out, small_source, steps=8))
     assert report["steps"] == 8
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 8
+
+
+def test_adaptive_rows_only_keeps_real_token_outputs_bitwise(micro_bundle):
+    """With only the adaptive rows trainable, the drafts learn while every real token's logits stay
+    exactly the base model's (the "capacity only at adaptive positions" option)."""
+    import copy
+
+    from sdsat_lsp.tinymodel import ADAPTIVE_TOKEN, slot_token_names
+    from sdsat_lsp.train import freeze_all_but_adaptive_rows
+
+    base, tokenizer, stream = micro_bundle
+    model = copy.deepcopy(base)
+    adaptive = [tokenizer.convert_tokens_to_ids(ADAPTIVE_TOKEN)]
+    assert slot_token_names(2) == ["<|sdsat_slot_1|>", "<|sdsat_slot_2|>"]
+    params = freeze_all_but_adaptive_rows(model, adaptive)
+    before_rows = model.get_input_embeddings().weight[adaptive].detach().clone()
+    train_steps(model, stream, adaptive, steps=8, seq_len=64, batch_size=2, max_block=3, blocks_per_row=4, lr=1e-2,
+                params=params, targets="data")
+    x = torch.tensor([stream[200:264]])
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=x).logits, base(input_ids=x).logits)
+    assert not torch.equal(model.get_input_embeddings().weight[adaptive], before_rows)  # the drafts did train
+    for (name, p), (_, q) in zip(model.named_parameters(), base.named_parameters()):
+        if "embed_tokens" not in name:
+            assert torch.equal(p, q), name
