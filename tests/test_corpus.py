@@ -93,6 +93,23 @@ def test_corpus_leaves_out_what_it_should_and_holds_out_whole_packages(corpus_di
     assert other["held_out_packages"] != manifest["held_out_packages"] or other["shards"] != manifest["shards"]
 
 
+def test_corpus_command_line_and_vocabulary_sweep(roots, tmp_path, capsys):
+    from sdsat_lsp.cli import main
+
+    std, site = roots
+    out = tmp_path / "cli"
+    assert main(["corpus", "--out", str(out), "--stdlib", str(std), "--site-packages", str(site), "--vocab-size", "300",
+                 "--held-fraction", "0.25", "--held-max-share", "0.3", "--vocab-sweep", "300,600", "--compress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert summary["file_list_hash"] == manifest["file_list_hash"] and manifest["compressed"]
+    assert manifest["command"].startswith("sdsat-lsp ") and "--vocab-sweep" in manifest["command"]
+    sweep = json.loads((out / "vocab_sweep.json").read_text())
+    assert [r["vocab_size"] for r in sweep] == [300, 600]
+    assert sweep[1]["tokens_per_line"] < sweep[0]["tokens_per_line"]  # a bigger vocabulary, fewer tokens
+    assert all((out / f"{s['file']}.xz").is_file() for s in manifest["shards"])
+
+
 def test_fim_examples_use_the_servers_spm_layout(corpus_dir):
     from transformers import AutoTokenizer
 
