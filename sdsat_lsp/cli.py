@@ -22,6 +22,7 @@ TOOL_MODULES = {
     "eval": (".tools.evaluate", "completion quality on held-out code (exact match, edit similarity)"),
     "stress": (".tools.stress", "drive the server over stdio with valid and hostile traffic; nothing may be lost"),
     "draft-store": (".tools.distill", "build a model's draft store (retrieval drafts) ahead of time; cached"),
+    "corpus": (".corpus", "token shards and a manifest from the standard library and the venv's package sources"),
 }
 
 
@@ -33,7 +34,7 @@ def _tool_parser(sub, name: str) -> None:
     p.set_defaults(run=module.main)
 
 
-TOOLS = ("bench", "train", "eval", "stress", "draft-store")
+TOOLS = ("bench", "train", "eval", "stress", "draft-store", "corpus")
 
 
 def build_parser(tools: bool = True) -> argparse.ArgumentParser:

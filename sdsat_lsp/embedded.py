@@ -62,7 +62,7 @@ def resolve_model(ref=None, **load_options):
 # Installing a trained model as the embedded default (scripts/build-embedded-model).
 
 MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "sdsat.json")
+               "special_tokens_map.json", "sdsat.json", "model.safetensors.index.json")
 
 
 def install_embedded(model_dir: Path, manifest: dict, target: Path = EMBEDDED_DIR, draft_store: str = "stdlib") -> Path:
@@ -77,18 +77,19 @@ def install_embedded(model_dir: Path, manifest: dict, target: Path = EMBEDDED_DI
     tmp = target.with_name(target.name + ".new")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in MODEL_FILES:
+    shards = sorted(p.name for p in model_dir.glob("model-*-of-*.safetensors"))  # save_pretrained(max_shard_size=...)
+    for name in (*MODEL_FILES, *shards):
         if (model_dir / name).exists():
             shutil.copy2(model_dir / name, tmp / name)
     card = tmp / "sdsat.json"
     if card.exists():
         card.write_text(json.dumps({**json.loads(card.read_text()), "draft_store": draft_store}, indent=2) + "\n")
-    weights = tmp / "model.safetensors"
     manifest = dict(manifest, sha256={name.name: hashlib.sha256(name.read_bytes()).hexdigest()
                                       for name in sorted(tmp.iterdir())})
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    if weights.stat().st_size > 50 * 2**20:
-        raise SystemExit(f"{weights} is {weights.stat().st_size / 2**20:.1f} MiB: over the 50 MB a commit may hold")
+    for weights in tmp.glob("*.safetensors"):
+        if weights.stat().st_size > 50 * 2**20:
+            raise SystemExit(f"{weights} is {weights.stat().st_size / 2**20:.1f} MiB: over the 50 MB a commit may hold")
     old = target.with_name(target.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
@@ -141,7 +142,10 @@ def main(argv=None) -> int:
         "data": {"source": "CPython standard library (sdsat_lsp.corpus.split_files: 5% of files held out by path hash)",
                  "python": platform.python_version(), "files_hash": sdsat.get("files_hash"),
                  "held_out_files": sdsat.get("held_out_files"), "train_tokens": sdsat.get("train_tokens"),
-                 "held_tokens": sdsat.get("held_tokens")},
+                 "held_tokens": sdsat.get("held_tokens")}
+        if "corpus" not in sdsat else
+        {"source": "sdsat-lsp corpus: the standard library and the venv's package sources, whole packages held out",
+         **sdsat["corpus"]},
         "seed": {"base": base.get("seed"), "sdsat": sdsat.get("seed")},
         "base_training": base,
         "sdsat_fine_tuning": sdsat,

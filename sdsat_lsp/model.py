@@ -20,7 +20,7 @@ import torch
 
 from .errors import SdsatError
 from .modelcard import ModelCard, read_model_card
-from .quantize import packed_bytes, quantize_fp16_weights, quantize_rowwise_int8, quiet_bitsandbytes
+from .quantize import nf4_shape_rule, nf4_skip_modules, packed_bytes, quantize_fp16_weights, quantize_rowwise_int8, quiet_bitsandbytes
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ class LoadedModel:
     load_ms: float
     weight_bytes: int = 0  # parameters and buffers as loaded
     folder: str = ""  # the local folder the files came from (a hub id's snapshot)
+    # Modules left in `dtype` because the quantization kernel cannot take their shapes (nf4 only).
+    unquantized: list[str] = dataclasses.field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,8 +205,8 @@ def weight_files(folder: Path) -> list[Path]:
 # Memory: checked before loading, so that a model too big fails with a message, not the OOM killer.
 
 
-def _tensor_shapes(files: list[Path]) -> dict[str, tuple[int, int]]:
-    """name -> (element count, number of dimensions), from the file headers (no weights read)."""
+def _header_shapes(files: list[Path]) -> dict[str, list[int]]:
+    """name -> shape, from the safetensors file headers (no weights read)."""
     import json
     import struct
 
@@ -213,12 +215,18 @@ def _tensor_shapes(files: list[Path]) -> dict[str, tuple[int, int]]:
         with open(f, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(length))
-        for name, info in header.items():
-            if name != "__metadata__":
-                count = 1
-                for d in info["shape"]:
-                    count *= d
-                out[name] = (count, len(info["shape"]))
+        out.update((name, list(info["shape"])) for name, info in header.items() if name != "__metadata__")
+    return out
+
+
+def _tensor_shapes(files: list[Path]) -> dict[str, tuple[int, int]]:
+    """name -> (element count, number of dimensions), from the file headers (no weights read)."""
+    out = {}
+    for name, shape in _header_shapes(files).items():
+        count = 1
+        for d in shape:
+            count *= d
+        out[name] = (count, len(shape))
     return out
 
 
@@ -301,9 +309,23 @@ def load_model(
 
     torch_dtype = getattr(torch, dtype)
     kwargs: dict[str, Any] = dict(use_safetensors=True, dtype=torch_dtype)
+    unquantized: list[str] = []
     if quantize == "nf4":
+        skip = None
+        try:
+            from transformers import AutoConfig
+
+            skip, unquantized = nf4_skip_modules(folder, AutoConfig.from_pretrained(folder))
+        except (OSError, ValueError, KeyError) as exc:
+            raise SdsatError(f"could not read the model configuration in {folder}: {exc}") from exc
+        if unquantized:
+            rows, cols = nf4_shape_rule()
+            log.warning(
+                "nf4: %d module(s) stay unquantized (%s): bitsandbytes' 4-bit kernel needs out %% %d == 0 and "
+                "in %% %d == 0: %s", len(unquantized), dtype, rows, cols, ", ".join(unquantized))
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype,
+            llm_int8_skip_modules=skip if unquantized else None,
         )
     elif quantize == "int8":
         # Threshold 0: no fp16 outlier columns shared across a pass's rows (see the docstring).
@@ -328,4 +350,5 @@ def load_model(
     weight_bytes += sum(packed_bytes(m) for m in model.modules())  # fbgemm's packed weights are not parameters
     load_ms = (time.perf_counter() - started) * 1e3
     log.info("loaded %s in %.0f ms: %s of weights", os.fspath(ref), load_ms, _gib(weight_bytes))
-    return LoadedModel(model, tokenizer, card, os.fspath(ref), device, quantize, dtype, load_ms, weight_bytes, os.fspath(folder))
+    return LoadedModel(model, tokenizer, card, os.fspath(ref), device, quantize, dtype, load_ms, weight_bytes,
+                       os.fspath(folder), unquantized)

@@ -27,6 +27,8 @@ class ModelCard:
     # a model whose adaptive tokens are weak (the embedded one) retrieval drafts better than they
     # do; for the released checkpoints the adaptive tokens are the better drafts.
     draft_store: str | None = None
+    # What the model was trained on: `sdsat-lsp corpus`'s manifest in short (train.corpus_summary).
+    corpus: dict | None = None
 
 
 # CodeLlama's unused id 32011 stands for every adaptive slot in the released SDSAT checkpoints;
@@ -59,6 +61,7 @@ def read_model_card(model_ref: str | Path) -> ModelCard | None:
                 fim={str(k): int(v) for k, v in (data.get("fim") or {}).items()},
                 context_length=data.get("context_length"),
                 draft_store=data.get("draft_store"),
+                corpus=data.get("corpus"),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise SdsatError(f"{path} is not a valid SDSAT model card: {exc}") from exc

@@ -114,3 +114,51 @@ def quiet_bitsandbytes() -> None:
     logger = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _DropMessage) for f in logger.filters):
         logger.addFilter(_DropMessage("inputs will be cast from"))
+
+
+# ----------------------------------------------------------------------------------------------
+# NF4 and awkward shapes.
+
+# bitsandbytes (0.50) quantizes a 4-bit weight (out, in) in blocks of 64 values (Params4bit's
+# default blocksize), which any shape allows; but on a CPU with AVX-512 bf16 Linear4bit repacks
+# the weight on its first forward (functional._convert_weight_packed_for_cpu), which asserts
+# out % block_n == 0 (block_n 32) and reshapes the absmax to (out, in / blocksize), so it needs
+# in % 64 == 0 too. The rule is applied on every machine, whatever its CPU or GPU: a model then
+# loads the same way everywhere, and a kernel that another machine picks cannot crash mid-request.
+_NF4_BLOCKSIZE = 64
+
+
+def nf4_shape_rule() -> tuple[int, int]:
+    """(out multiple, in multiple) that a Linear's weight needs to be quantized to NF4."""
+    import inspect
+
+    block_n = 32
+    try:
+        from bitsandbytes import functional as bnb_functional
+
+        block_n = int(inspect.signature(bnb_functional._convert_weight_packed_for_cpu).parameters["block_n"].default)
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
+        pass  # another bitsandbytes: keep 0.50's figure, the stricter side is harmless
+    return block_n, _NF4_BLOCKSIZE
+
+
+def nf4_skip_modules(folder: Path, config) -> tuple[list[str], list[str]]:
+    """(modules bitsandbytes should not convert, the subset left out for their shapes alone).
+
+    The first list is transformers' own default (the output head, tied weights) plus every Linear
+    whose weight the rule of `nf4_shape_rule` rejects: passing `llm_int8_skip_modules` replaces the
+    default, so it is computed here on a weightless (meta) copy of the model."""
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    default = sorted(get_keys_to_not_convert(skeleton))
+    rows, cols = nf4_shape_rule()
+    unfit = [
+        name
+        for name, module in skeleton.named_modules()
+        if isinstance(module, nn.Linear) and (module.out_features % rows or module.in_features % cols)
+        and not any(name == d or name.startswith(d + ".") for d in default)
+    ]
+    return default + unfit, unfit

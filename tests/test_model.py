@@ -86,6 +86,41 @@ def test_sdsat_equals_greedy_for_every_quantization(tiny_dir, reference_logits, 
                 assert got.tokens == expected, (quantize, mode, k)
 
 
+def test_nf4_keeps_modules_of_awkward_shapes_unquantized(tmp_path, caplog, tiny_dir):
+    """intermediate_size 88: gate/up (88 x 64) and down (64 x 88) break bitsandbytes' 4-bit CPU
+    packing (out % 32, in % 64; it asserts on AVX-512 CPUs). They stay float, the rest is NF4, the
+    output head stays float as transformers' default has it, and decoding is still greedy's."""
+    import logging
+
+    from bitsandbytes.nn import Linear4bit
+
+    from sdsat_lsp.quantize import nf4_shape_rule
+    from sdsat_lsp.training.tinymodel import build_tiny_model, save_tiny, train_tokenizer
+
+    assert nf4_shape_rule() == (32, 64)  # read from the installed bitsandbytes' source
+    tok = train_tokenizer(vocab_size=300, max_files=10)
+    folder = save_tiny(build_tiny_model(tok, seed=3, init_std=0.2, intermediate_size=88), tok, tmp_path / "odd", k=3)
+    with caplog.at_level(logging.WARNING, logger="sdsat_lsp.model"):
+        lm = load_model(folder, quantize="nf4", device="cpu")
+    mlp = [f"model.layers.{i}.mlp.{name}" for i in range(2) for name in ("gate_proj", "up_proj", "down_proj")]
+    assert sorted(lm.unquantized) == sorted(mlp)
+    assert "stay unquantized" in caplog.text and "model.layers.1.mlp.down_proj" in caplog.text
+    layer = lm.model.model.layers[0]
+    assert type(layer.mlp.gate_proj) is nn.Linear and type(layer.mlp.down_proj) is nn.Linear
+    assert isinstance(layer.self_attn.q_proj, Linear4bit) and isinstance(layer.self_attn.o_proj, Linear4bit)
+    assert not isinstance(lm.model.lm_head, Linear4bit)
+    for text in TEXTS:
+        prompt = lm.tokenizer(text)["input_ids"]
+        expected = generate(lm.model, prompt, mode="ar", max_new_tokens=16, eos_ids=[]).tokens
+        assert len(expected) == 16
+        for mode in ("two-pass", "fused"):
+            got = generate(lm.model, prompt, mode=mode, k=3, adaptive_ids=lm.card.adaptive_ids, max_new_tokens=16,
+                           eos_ids=[])
+            assert got.tokens == expected, mode
+    # A model whose shapes all fit is quantized whole, as before.
+    assert load_model(tiny_dir, quantize="nf4", device="cpu").unquantized == []
+
+
 @pytest.mark.parametrize("quantize", ["int8", "dynamic-int8", "dynamic-fp16"])
 def test_a_tokens_logits_do_not_depend_on_what_shares_its_pass(tiny_dir, quantize):
     """The property SDSAT relies on, shown directly: appending adaptive tokens to a pass leaves the
@@ -211,6 +246,13 @@ def test_hub_id_offline(ref, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing to fall back on
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv(model_module.DOWNLOAD_CAP_ENV, raising=False)
+    with pytest.raises(SdsatError) as info:
+        load_model(ref, device="cpu")
+    message = str(info.value)  # not in the cache, and no download without the opt-in
+    assert "--allow-download" in message and "pass the folder" in message
+    assert ref in message
+    monkeypatch.setenv(model_module.DOWNLOAD_CAP_ENV, str(1 << 30))  # opted in, but offline
     with pytest.raises(SdsatError) as info:
         load_model(ref, device="cpu")
     message = str(info.value)

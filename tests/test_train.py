@@ -155,3 +155,30 @@ def test_without_a_budget_a_resume_follows_the_command_lines_steps(tmp_path, sma
     report = run_training(_args(out, small_source, steps=8))
     assert report["steps"] == 8
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 8
+
+
+def test_adaptive_rows_only_keeps_real_token_outputs_bitwise(tiny_lm):
+    """With only the adaptive rows trainable, the drafts learn while every real token's logits stay
+    exactly the base model's (the "capacity only at adaptive positions" option)."""
+    import copy
+
+    from sdsat_lsp.corpus import stdlib_dir
+    from sdsat_lsp.training.tinymodel import slot_token_names
+    from sdsat_lsp.training.train import freeze_all_but_adaptive_rows
+
+    base, tokenizer, adaptive_id = tiny_lm
+    stream = tokenizer((stdlib_dir() / "textwrap.py").read_text())["input_ids"]
+    model = copy.deepcopy(base)
+    adaptive = [adaptive_id]
+    assert slot_token_names(2) == ["<|sdsat_slot_1|>", "<|sdsat_slot_2|>"]
+    params = freeze_all_but_adaptive_rows(model, adaptive)
+    before_rows = model.get_input_embeddings().weight[adaptive].detach().clone()
+    train_steps(model, stream, adaptive, steps=6, seq_len=64, batch_size=2, max_block=3, blocks_per_row=4, lr=1e-2,
+                params=params, targets="greedy", slot_decay=0.8, soft_weight=0.5)
+    x = torch.tensor([stream[200:264]])
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=x).logits, base(input_ids=x).logits)
+    assert not torch.equal(model.get_input_embeddings().weight[adaptive], before_rows)  # the drafts did train
+    for (name, p), (_, q) in zip(model.named_parameters(), base.named_parameters()):
+        if "embed_tokens" not in name:
+            assert torch.equal(p, q), name

@@ -2,7 +2,9 @@
 
 Real held-out files are cut at random points inside lines; the model completes to the end of the
 line (`line` task). Separately, after a line ending in `:` the model writes the indented block
-that follows (`block` task). Scores: exact match (after trailing whitespace) and edit similarity
+that follows (`block` task). For a model that infills (FIM ids in its card), `fim_line` removes a
+span from the middle of a line and `fim_block` an indented block, the text after them given as
+the suffix in the server's own prompt (prompt.build_prompt, SPM order). Scores: exact match (after trailing whitespace) and edit similarity
 (1 - Levenshtein distance / longer length, averaged). Greedy SDSAT decoding is identical to plain
 greedy decoding, so these figures are the model's own.
 """
@@ -21,10 +23,11 @@ from ..errors import SdsatError
 
 @dataclass(frozen=True)
 class Sample:
-    task: str  # "line" | "block"
+    task: str  # "line" | "block" | "fim_line" | "fim_block"
     path: str
     prompt: str
     target: str
+    suffix: str = ""  # FIM tasks: the text after the hole
 
 
 def edit_similarity(a: str, b: str) -> float:
@@ -106,12 +109,90 @@ def cut_samples(n_line: int, n_block: int, source=None, seed: int = 0, max_chars
     return samples
 
 
+def cut_fim_samples(n_line: int, n_block: int, source=None, seed: int = 0, max_chars: int = 1500) -> list[Sample]:
+    """Seeded FIM samples (a seed of their own: the line and block samples stay as they were):
+    `fim_line` a span of 3 or more characters from inside a line, the rest of the line and what
+    follows as suffix; `fim_block` the indented block under a `:` line, what follows as suffix."""
+    from ..corpus import python_files, read_text, split_files
+
+    files = python_files(source) if source else split_files()[2]
+    rng = random.Random(seed + 7919)
+    samples: list[Sample] = []
+    wanted = {"fim_line": n_line, "fim_block": n_block}
+    attempts = 0
+    while any(wanted.values()):
+        attempts += 1
+        if attempts > 100 * (n_line + n_block) + 100:
+            raise SdsatError("could not cut enough FIM samples from the files")
+        path = rng.choice(files)
+        text = read_text(path)
+        if not text:
+            continue
+        lines = text.split("\n")
+        offsets = [0]
+        for line in lines:
+            offsets.append(offsets[-1] + len(line) + 1)
+        task = "fim_line" if wanted["fim_line"] and (not wanted["fim_block"] or rng.random() < 0.5) else "fim_block"
+        if task == "fim_line":
+            i = rng.randrange(len(lines))
+            line = lines[i].rstrip()
+            start = _indent(line)
+            if len(line) - start < 12 or line.lstrip().startswith("#") or offsets[i] < 100:
+                continue
+            a = rng.randrange(start + 1, len(line) - 4)
+            b = rng.randrange(a + 3, len(line))
+            hole_start, hole_end = offsets[i] + a, offsets[i] + b
+        else:
+            openers = [j for j, line in enumerate(lines) if line.rstrip().endswith(":") and not line.lstrip().startswith("#")
+                       and offsets[j] >= 100]
+            if not openers:
+                continue
+            j = rng.choice(openers)
+            block = block_after(lines, j)
+            if not block or j + 1 + len(block) >= len(lines):
+                continue
+            hole_start, hole_end = offsets[j + 1], offsets[j + 1 + len(block)]
+        target = text[hole_start:hole_end].rstrip("\n") if task == "fim_block" else text[hole_start:hole_end]
+        if task == "fim_block":
+            target = "\n".join(line.rstrip() for line in target.split("\n"))
+        samples.append(Sample(task, str(path), text[max(0, hole_start - max_chars):hole_start], target,
+                              text[hole_end : hole_end + max_chars]))
+        wanted[task] -= 1
+    return samples
+
+
+def _complete_fim(loaded, sample: Sample, k: int, adaptive_ids: list[int], max_new_tokens: int) -> str:
+    from ..engine import generate
+    from ..prompt import build_prompt, continuation_decoder
+
+    tokenizer = loaded.tokenizer
+    text = sample.prompt + sample.suffix
+    prompt = build_prompt(text, len(sample.prompt), tokenizer, max_tokens=1024, max_suffix_tokens=128,
+                          fim_ids=loaded.card.fim, line_mode="single" if sample.task == "fim_line" else "multi")
+    decode = continuation_decoder(tokenizer, prompt.ids)
+    options = dict(mode="fused" if adaptive_ids else "ar", k=k, adaptive_ids=adaptive_ids, decode=decode)
+    if sample.task == "fim_line":
+        out = generate(loaded.model, prompt.ids, max_new_tokens=max_new_tokens, stop_strings=["\n"], **options)
+        got = decode(out.tokens).split("\n", 1)[0]
+        rest = sample.suffix.split("\n", 1)[0]
+        # As the server does: a completion that runs on into the text after the hole stops there.
+        return got[: -len(rest)] if rest and got.endswith(rest) else got
+    out = generate(loaded.model, prompt.ids, max_new_tokens=4 * max_new_tokens, **options)
+    got = decode(out.tokens)
+    lines = got.rstrip("\n").split("\n")
+    opener_indent = _indent(sample.prompt.rstrip("\n").rsplit("\n", 1)[-1])
+    block = block_after([" " * opener_indent + "x:"] + lines, 0, max_lines=len(lines))
+    return "\n".join(line.rstrip() for line in block)
+
+
 def complete(loaded, sample: Sample, k: int, adaptive_ids: list[int], max_new_tokens: int,
              token_healing: bool = True) -> str:
     """The model's completion for `sample`, cut where an editor would cut it: the completion core's
     healing and decoding steps (completion.py), on the sample's text as the prompt."""
     from ..completion import decode, heal_prompt
 
+    if sample.task.startswith("fim_"):
+        return _complete_fim(loaded, sample, k, adaptive_ids, max_new_tokens)
     tokenizer = loaded.tokenizer
     mode = "fused" if adaptive_ids else "ar"  # a plain model is evaluated too (the "before" figure)
     prompt = heal_prompt(tokenizer, tokenizer(sample.prompt)["input_ids"], token_healing)
@@ -137,6 +218,7 @@ def complete(loaded, sample: Sample, k: int, adaptive_ids: list[int], max_new_to
 def run_eval(loaded, samples: list[Sample], k: int, adaptive_ids: list[int], max_new_tokens: int = 48,
              progress=None, token_healing: bool = True) -> dict:
     by_task: dict[str, list[tuple[bool, float]]] = {"line": [], "block": []}
+    by_task.update((s.task, []) for s in samples if s.task.startswith("fim_"))
     examples = []
     started = time.perf_counter()
     for i, sample in enumerate(samples):
@@ -165,6 +247,9 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--samples", type=int, default=100, help="line-completion samples (default 100)")
     p.add_argument("--block-samples", type=int, default=30, help="block-completion samples (default 30)")
+    p.add_argument("--fim-samples", type=int, default=30,
+                   help="fill-in-the-middle samples, half in a line, half a block (default 30; only for a model whose "
+                        "card has FIM ids)")
     p.add_argument("--source", help="cut samples from the Python files under this folder (default: held-out stdlib files)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt-chars", type=int, default=1500)
@@ -182,6 +267,10 @@ def main(args) -> int:
     loaded = resolve_model(args.model, quantize=args.quantize, device=args.device, dtype=args.dtype)
     k, adaptive_ids = loaded.card.k, list(loaded.card.adaptive_ids)
     samples = cut_samples(args.samples, args.block_samples, source=args.source, seed=args.seed, max_chars=args.prompt_chars)
+    fim_ids = loaded.card.fim or {}
+    if args.fim_samples > 0 and all(role in fim_ids for role in ("prefix", "suffix", "middle")):
+        samples += cut_fim_samples(args.fim_samples - args.fim_samples // 2, args.fim_samples // 2, source=args.source,
+                                   seed=args.seed, max_chars=args.prompt_chars)
 
     def progress(done, total):
         print(f"\r  sample {done}/{total}", end="", file=sys.stderr, flush=True)
@@ -190,9 +279,9 @@ def main(args) -> int:
     print(file=sys.stderr)
     result.update(model=str(loaded.ref), quantize=loaded.quantize, device=loaded.device, source=args.source or "stdlib-held-out",
                   seed=args.seed, token_healing=args.token_healing)
-    for task in ("line", "block"):
-        r = result[task]
-        if r["samples"]:
+    for task in ("line", "block", "fim_line", "fim_block"):
+        r = result.get(task)
+        if r and r["samples"]:
             print(f"{task:<6} exact_match {r['exact_match']:.3f}  edit_similarity {r['edit_similarity']:.3f}  ({r['samples']} samples)")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")

@@ -23,19 +23,29 @@ ADAPTIVE_TOKEN = "<|sdsat_adapt|>"
 FIM_TOKENS = {"prefix": "<fim_prefix>", "middle": "<fim_middle>", "suffix": "<fim_suffix>"}
 
 
-def train_tokenizer(vocab_size: int = 1024, max_files: int = 200, source=None, seed_files: int = 0):
-    """A byte-level BPE tokenizer trained on up to `max_files` standard-library files."""
+def slot_token_names(count: int) -> list[str]:
+    """Distinct adaptive tokens, one per draft slot: slot j can then learn "j tokens ahead" in its
+    own embedding instead of reading it from its position alone."""
+    return [f"<|sdsat_slot_{j}|>" for j in range(1, count + 1)]
+
+
+def train_tokenizer(vocab_size: int = 1024, max_files: int = 200, source=None, seed_files: int = 0,
+                    texts: list[str] | None = None, slot_tokens: int = 0):
+    """A byte-level BPE tokenizer trained on `texts`, or on up to `max_files` standard-library
+    files. The special tokens come first, in a fixed order (ids 0..): BOS, EOS, PAD, UNK, the shared
+    adaptive token, the FIM tokens, then `slot_tokens` per-slot adaptive tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    files = python_files(source)
-    step = max(1, len(files) // max_files)
-    texts = [t for t in (read_text(f) for f in files[seed_files::step][:max_files]) if t]
+    if texts is None:
+        files = python_files(source)
+        step = max(1, len(files) // max_files)
+        texts = [t for t in (read_text(f) for f in files[seed_files::step][:max_files]) if t]
     tok = Tokenizer(models.BPE())
     # Byte-level: any text round-trips, including emoji and invalid-looking input an editor sends.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = list(SPECIAL_TOKENS.values()) + [ADAPTIVE_TOKEN] + list(FIM_TOKENS.values())
+    specials = list(SPECIAL_TOKENS.values()) + [ADAPTIVE_TOKEN] + list(FIM_TOKENS.values()) + slot_token_names(slot_tokens)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,

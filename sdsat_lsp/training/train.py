@@ -43,6 +43,11 @@ class SdsatBatch:
     attention_mask: torch.Tensor  # (B, 1, S, S) additive float mask
     labels: torch.Tensor  # (B, S) target for the output at each slot, IGNORE where none
     real_len: int  # T
+    # (B, S): j - 1 at the j-th slot of a block, -1 on real tokens (slot weights index by it).
+    slot: torch.Tensor | None = None
+    # (B, S): the real position t + j whose output predicts the same token as slot j of an anchor
+    # t (the model's own distribution there is the soft target), -1 on real tokens.
+    teacher_pos: torch.Tensor | None = None
 
 
 def sample_anchors(batch: int, real_len: int, blocks_per_row: int, rng: random.Random) -> list[list[int]]:
@@ -74,6 +79,8 @@ def make_sdsat_batch(
     ids = torch.empty(B, S, dtype=torch.long)
     pos = torch.empty(B, S, dtype=torch.long)
     labels = torch.full((B, S), IGNORE, dtype=torch.long)
+    slot = torch.full((B, S), -1, dtype=torch.long)
+    teacher_pos = torch.full((B, S), -1, dtype=torch.long)
     allowed = torch.zeros(B, S, S, dtype=torch.bool)
     causal_real = torch.ones(T, T, dtype=torch.bool).tril()
     causal_block = torch.ones(L, L, dtype=torch.bool).tril()
@@ -90,11 +97,13 @@ def make_sdsat_batch(
             # A_j (j = 1..L) stands in for x_{t+j} and predicts x_{t+j+1}.
             targets = tokens[b, t + 2 : t + 2 + L] if block_targets is None else block_targets[b, i]
             labels[b, s : s + len(targets)] = targets
+            slot[b, s : s + L] = torch.arange(L)
+            teacher_pos[b, s : s + L] = torch.arange(t + 1, t + 1 + L).clamp(max=T - 1)
             allowed[b, s : s + L, : t + 1] = True
             allowed[b, s : s + L, s : s + L] = causal_block
     mask = torch.zeros(B, 1, S, S, dtype=dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    return SdsatBatch(ids, pos, mask, labels, T)
+    return SdsatBatch(ids, pos, mask, labels, T, slot, teacher_pos)
 
 
 def _block_ids(adaptive_ids: list[int], length: int) -> torch.Tensor:
@@ -102,14 +111,17 @@ def _block_ids(adaptive_ids: list[int], length: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_block_targets(model, tokens: torch.Tensor, anchors: list[list[int]], max_block: int) -> torch.Tensor:
+def greedy_block_targets(model, tokens: torch.Tensor, anchors: list[list[int]], max_block: int,
+                         return_logits: bool = False):
     """(B, blocks, L): for each anchor t, tokens 2..L+1 of the model's own greedy continuation of x_0..x_t.
 
     Decoding accepts a draft only when it equals what greedy decoding would emit, so the target
     that maximizes acceptance is the model's greedy output, not the file's text (self-distillation,
     as Medusa-2 does). Computed for every anchor at once: one pass over the real tokens, then L
     small passes that each extend every anchor's continuation by one token through the KV cache,
-    each continuation seeing only x_0..x_t and itself (the mask of an SDSAT block)."""
+    each continuation seeing only x_0..x_t and itself (the mask of an SDSAT block).
+    With `return_logits`, also the (B, blocks, L, V) logits each target was the argmax of (the
+    model's own distributions: soft self-distillation targets)."""
     from transformers import DynamicCache
 
     device = model.get_input_embeddings().weight.device
@@ -123,6 +135,7 @@ def greedy_block_targets(model, tokens: torch.Tensor, anchors: list[list[int]], 
     logits = model(input_ids=tokens.to(device), cache=cache, use_cache=True).logits
     current = logits.gather(1, anchor_t[..., None].expand(B, M, logits.shape[-1])).argmax(-1)  # c_1: (B, M)
     targets = torch.empty(B, M, L, dtype=torch.long)
+    teacher = [] if return_logits else None
     neg = torch.finfo(dtype).min
     for j in range(1, L + 1):  # feed c_j at position t+j, read c_{j+1}
         past = T + (j - 1) * M
@@ -135,13 +148,24 @@ def greedy_block_targets(model, tokens: torch.Tensor, anchors: list[list[int]], 
         out = model(input_ids=current, position_ids=anchor_t + j, attention_mask=mask, cache=cache, use_cache=True)
         current = out.logits.argmax(-1)
         targets[:, :, j - 1] = current.cpu()
+        if teacher is not None:
+            teacher.append(out.logits.float())
     model.train(was_training)
+    if teacher is not None:
+        return targets, torch.stack(teacher, dim=2)
     return targets
 
 
-def sdsat_losses(model, batch: SdsatBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def sdsat_losses(model, batch: SdsatBatch, slot_decay: float = 1.0, soft_weight: float = 0.0,
+                 block_teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(real-token loss, adaptive-token loss), each a mean cross-entropy over its own slots.
-    A batch without blocks is plain causal language modelling (no explicit mask: the fast path)."""
+    A batch without blocks is plain causal language modelling (no explicit mask: the fast path).
+
+    `slot_decay` g weights slot j's cross-entropy by g^(j-1) (a draft is accepted up to its first
+    miss, so slot 1 gates every later one). `soft_weight` w adds w * KL(teacher || slot) to the
+    adaptive loss, the teacher being the model's own next-token distribution for the same token:
+    `block_teacher` (B, blocks, L, V) from `greedy_block_targets`, else the real-token output at
+    the matching position of this very pass (detached)."""
     device = model.get_input_embeddings().weight.device
     plain = batch.input_ids.shape[1] == batch.real_len
     out = model(
@@ -156,7 +180,27 @@ def sdsat_losses(model, batch: SdsatBatch) -> tuple[torch.Tensor, torch.Tensor]:
     real = F.cross_entropy(logits[:, :T].reshape(-1, logits.shape[-1]), labels[:, :T].reshape(-1), ignore_index=IGNORE)
     if plain:
         return real, torch.zeros((), device=device)
-    adaptive = F.cross_entropy(logits[:, T:].reshape(-1, logits.shape[-1]), labels[:, T:].reshape(-1), ignore_index=IGNORE)
+    V = logits.shape[-1]
+    if slot_decay == 1.0 and not soft_weight:
+        adaptive = F.cross_entropy(logits[:, T:].reshape(-1, V), labels[:, T:].reshape(-1), ignore_index=IGNORE)
+        return real, adaptive
+    ada_labels = labels[:, T:]
+    valid = ada_labels != IGNORE
+    slot = batch.slot[:, T:].to(device)
+    weight = (slot_decay ** slot.clamp(min=0).float()) * valid
+    ce = F.cross_entropy(logits[:, T:].reshape(-1, V), ada_labels.reshape(-1), ignore_index=IGNORE,
+                         reduction="none").reshape(ada_labels.shape)
+    adaptive = (ce * weight).sum() / weight.sum().clamp(min=1e-6)
+    if soft_weight:
+        if block_teacher is not None:
+            teacher = block_teacher.to(device).reshape(ada_labels.shape[0], -1, V)  # slot order = block order
+        else:
+            pos = batch.teacher_pos[:, T:].to(device).clamp(min=0)
+            teacher = logits.detach()[torch.arange(pos.shape[0], device=device)[:, None], pos]
+        log_q = F.log_softmax(logits[:, T:], dim=-1)
+        log_p = F.log_softmax(teacher, dim=-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        adaptive = adaptive + soft_weight * (kl * weight).sum() / weight.sum().clamp(min=1e-6)
     return real, adaptive
 
 
@@ -168,18 +212,22 @@ def token_chunks(token_stream: list[int], length: int, rng: random.Random, count
 
 def train_step(model, opt, sched, params, tokens: torch.Tensor, adaptive_ids: list[int], max_block: int,
                blocks_per_row: int, adaptive_weight: float, rng: random.Random,
-               targets: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
+               targets: str = "data", slot_decay: float = 1.0, soft_weight: float = 0.0,
+               real_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on SDSAT blocks added to `tokens` (B, T); returns the two losses.
-    `targets`: what a block learns to predict, "data" (the file's next tokens) or "greedy"."""
+    `targets`: what a block learns to predict, "data" (the file's next tokens) or "greedy".
+    `real_weight` 0 trains the drafts alone (the real-token loss is still computed and returned)."""
     anchors = sample_anchors(tokens.shape[0], tokens.shape[1], blocks_per_row, rng)
-    block_targets = None
+    block_targets = teacher = None
     if targets == "greedy" and blocks_per_row:
-        block_targets = greedy_block_targets(model, tokens, anchors, max_block)
+        block_targets = greedy_block_targets(model, tokens, anchors, max_block, return_logits=bool(soft_weight))
+        if soft_weight:
+            block_targets, teacher = block_targets
     batch = make_sdsat_batch(tokens, adaptive_ids, max_block, blocks_per_row, rng, anchors=anchors,
                              block_targets=block_targets)
-    real, adaptive = sdsat_losses(model, batch)
+    real, adaptive = sdsat_losses(model, batch, slot_decay, soft_weight, teacher)
     opt.zero_grad(set_to_none=True)
-    (real + adaptive_weight * adaptive).backward()
+    (real_weight * real + adaptive_weight * adaptive).backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     sched.step()
@@ -202,6 +250,9 @@ def train_steps(
     params=None,
     on_step=None,
     targets: str = "data",
+    slot_decay: float = 1.0,
+    soft_weight: float = 0.0,
+    real_weight: float = 1.0,
 ):
     """A plain AdamW loop over random windows; returns the last (real, adaptive) losses."""
     rng = random.Random(seed)
@@ -214,7 +265,7 @@ def train_steps(
     for step in range(steps):
         tokens = token_chunks(token_stream, seq_len, rng, batch_size)
         real, adaptive = train_step(model, opt, sched, params, tokens, adaptive_ids, max_block, blocks_per_row,
-                                    adaptive_weight, rng, targets)
+                                    adaptive_weight, rng, targets, slot_decay, soft_weight, real_weight)
         if on_step is not None:
             on_step(step, real.item(), adaptive.item())
     model.eval()
@@ -236,11 +287,14 @@ ARCHS = {
 def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output folder (checkpoints, final model, report); resumes if it holds a checkpoint")
     p.add_argument("--init", help="model folder or hub id to fine-tune (default: train a new model from scratch)")
-    p.add_argument("--arch", choices=sorted(ARCHS), default="small", help="size of a model trained from scratch")
+    p.add_argument("--arch", default="small",
+                   help=f"size of a model trained from scratch: {', '.join(sorted(ARCHS))}, or "
+                        "layers=N,hidden=N,intermediate=N,heads=N,kv=N")
     p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer size for a model trained from scratch")
     p.add_argument("--context", type=int, default=2048, help="context length of a model trained from scratch")
-    p.add_argument("--peft", choices=["auto", "lora", "none"], default="auto",
-                   help="lora: adapters plus the adaptive-token embedding (the default with --init); none: all weights")
+    p.add_argument("--peft", choices=["auto", "lora", "none", "adaptive-rows"], default="auto",
+                   help="lora: adapters plus the adaptive-token embedding (the default with --init); none: all weights; "
+                        "adaptive-rows: only the adaptive tokens' embedding rows (real-token outputs stay exactly the base's)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--adaptive-id", type=int, help="adaptive token id (default: the card's, else a new special token)")
     p.add_argument("--steps", type=int, default=2000)
@@ -260,6 +314,15 @@ def add_arguments(p) -> None:
                    help="train for about this many seconds: after the first steps, --steps is lowered to what the "
                         "measured speed affords (the learning-rate schedule follows; a resume keeps the count)")
     p.add_argument("--source", help="train on the Python files under this folder (default: the standard library)")
+    p.add_argument("--corpus", help="train on the shards of a `sdsat-lsp corpus` folder (and, from scratch, with its "
+                                    "tokenizer); its manifest goes into the model card")
+    # The SDSAT recipe's options (off by default: the recipe as the embedded model was trained).
+    p.add_argument("--slot-ids", action="store_true",
+                   help="a distinct adaptive id per slot (the tokenizer's <|sdsat_slot_j|> tokens) instead of one shared id")
+    p.add_argument("--slot-decay", type=float, default=1.0, help="weight slot j's loss by DECAY^(j-1) (e.g. 0.8; 1: uniform)")
+    p.add_argument("--soft-weight", type=float, default=0.0,
+                   help="add W * KL(model's own next-token distribution || slot) to the adaptive loss (0: hard labels only)")
+    p.add_argument("--real-weight", type=float, default=1.0, help="loss = R * real + w * adaptive (0: train the drafts only)")
     p.add_argument("--eval-prompts", type=int, default=20, help="held-out prompts for the acceptance evaluation (0: skip it)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
@@ -269,6 +332,10 @@ def _prepare_data(args, out: Path, tokenizer):
     """Token streams for training and held-out files, cached in `out` (tokenizing takes a while)."""
     from ..corpus import file_list_hash, split_files, token_stream
 
+    if getattr(args, "corpus", None):
+        from ..corpus import load_corpus
+
+        return load_corpus(args.corpus)
     cache = out / "data.pt"
     if cache.exists():
         return torch.load(cache, weights_only=True)
@@ -289,6 +356,10 @@ def _new_model(args, out: Path):
     from .tinymodel import ADAPTIVE_TOKEN, build_tiny_model, train_tokenizer
 
     tok_dir = out / "tokenizer"
+    if getattr(args, "corpus", None) and not tok_dir.exists():
+        import shutil
+
+        shutil.copytree(Path(args.corpus) / "tokenizer", tok_dir)
     if tok_dir.exists():
         from transformers import AutoTokenizer
 
@@ -296,8 +367,40 @@ def _new_model(args, out: Path):
     else:
         tokenizer = train_tokenizer(vocab_size=args.vocab_size, max_files=10**6, source=args.source)
         tokenizer.save_pretrained(tok_dir)
-    model = build_tiny_model(tokenizer, seed=args.seed, max_position_embeddings=args.context, **ARCHS[args.arch])
-    return model, tokenizer, [tokenizer.convert_tokens_to_ids(ADAPTIVE_TOKEN)]
+    model = build_tiny_model(tokenizer, seed=args.seed, max_position_embeddings=args.context, **arch_config(args.arch))
+    return model, tokenizer, _adaptive_ids(args, tokenizer, model)
+
+
+def arch_config(arch: str) -> dict:
+    """A named size, or one spelled out: "layers=8,hidden=512,intermediate=1536,heads=8,kv=4"."""
+    if arch in ARCHS:
+        return ARCHS[arch]
+    keys = {"layers": "num_hidden_layers", "hidden": "hidden_size", "intermediate": "intermediate_size",
+            "heads": "num_attention_heads", "kv": "num_key_value_heads"}
+    try:
+        fields = dict(part.split("=") for part in arch.split(","))
+        config = {keys[k.strip()]: int(v) for k, v in fields.items()}
+    except (ValueError, KeyError) as exc:
+        from ..errors import SdsatError
+
+        raise SdsatError(f"--arch {arch!r}: a name ({', '.join(sorted(ARCHS))}) or {','.join(f'{k}=N' for k in keys)}") from exc
+    return {**ARCHS["small"], **config}
+
+
+def _adaptive_ids(args, tokenizer, model) -> list[int]:
+    """The shared adaptive id, or with --slot-ids one id per slot (added to the tokenizer, and the
+    embedding grown, when it has no slot tokens yet)."""
+    from .tinymodel import ADAPTIVE_TOKEN, slot_token_names
+
+    if not getattr(args, "slot_ids", False):
+        return [tokenizer.convert_tokens_to_ids(ADAPTIVE_TOKEN)]
+    names = slot_token_names(args.max_block)
+    missing = [n for n in names if n not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+    return [tokenizer.convert_tokens_to_ids(n) for n in names]
 
 
 def _pretrained_model(args):
@@ -308,6 +411,8 @@ def _pretrained_model(args):
     model, tokenizer = loaded.model, loaded.tokenizer
     if args.adaptive_id is not None:
         ids = [args.adaptive_id]
+    elif getattr(args, "slot_ids", False):
+        ids = _adaptive_ids(args, tokenizer, model)
     elif loaded.card.adaptive_ids:
         ids = loaded.card.adaptive_ids[:1]
     else:  # a new special token; its embedding row is trained
@@ -315,6 +420,20 @@ def _pretrained_model(args):
         model.resize_token_embeddings(len(tokenizer))
         ids = [tokenizer.convert_tokens_to_ids(ADAPTIVE_TOKEN)]
     return model, tokenizer, ids
+
+
+def freeze_all_but_adaptive_rows(model, adaptive_ids) -> list:
+    """Train only the adaptive tokens' input-embedding rows: capacity used at adaptive positions
+    alone. Real tokens never attend to adaptive ones, so every real token's output stays bitwise
+    the base model's (AdamW without weight decay leaves a zero-gradient row untouched)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    weight = model.get_input_embeddings().weight
+    weight.requires_grad_(True)
+    keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    keep[sorted(set(adaptive_ids))] = 1
+    weight.register_hook(lambda grad: grad * keep)
+    return [weight]
 
 
 def _wrap_lora(model, adaptive_ids, rank):
@@ -422,6 +541,8 @@ def run_training(args) -> dict:
         report_path.write_text(json.dumps(report, indent=2))
     if peft_mode == "lora":
         model = _wrap_lora(model, adaptive_ids, args.lora_rank)
+    elif peft_mode == "adaptive-rows":
+        freeze_all_but_adaptive_rows(model, adaptive_ids)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     warmup = args.warmup or min(100, args.steps // 10 + 1)
@@ -429,19 +550,22 @@ def run_training(args) -> dict:
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
-    run = _Run(args, out, model, tokenizer, adaptive_ids, peft_mode, params, opt, sched, rng, held)
+    run = _Run(args, out, model, tokenizer, adaptive_ids, peft_mode, params, opt, sched, rng, held, data.get("manifest"))
     run.resume(device)
     stream = train_stream.tolist()
     if not run.train(stream):
         return report  # --stop-after: the checkpoint is saved, the same command resumes
     model.eval()
-    _save_final(model, tokenizer, adaptive_ids, args, out / "model", peft_mode)
+    _save_final(model, tokenizer, adaptive_ids, args, out / "model", peft_mode, data.get("manifest"))
     report["after"] = _evaluate(model, held, adaptive_ids, args)
     report.update(files_hash=data["files_hash"], held_out_files=len(data["held_files"]), train_tokens=len(stream),
                   held_tokens=len(held), steps=args.steps, seed=args.seed, peft=peft_mode, lr=lr,
                   loss_mix=f"real + {args.adaptive_weight} * adaptive", adaptive_ids=adaptive_ids,
                   block_targets=args.targets, blocks_per_row=args.blocks_per_row, warmup=warmup,
-                  time_budget=args.time_budget)
+                  time_budget=args.time_budget, slot_ids=args.slot_ids, slot_decay=args.slot_decay,
+                  soft_weight=args.soft_weight, real_weight=args.real_weight, arch=args.arch if from_scratch else None)
+    if "manifest" in data:
+        report["corpus"] = corpus_summary(data["manifest"])
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -474,6 +598,7 @@ class _Run:
     sched: Any
     rng: random.Random
     held: Any
+    manifest: dict | None = None  # the corpus's (sdsat-lsp corpus), recorded in every snapshot's card
     start_step: int = 0
     budget_settled: bool = False  # once the time budget has set the step count, it stays
 
@@ -527,7 +652,8 @@ class _Run:
                 self.settle_budget(step, (time.perf_counter() - budget_started) / 20, time.perf_counter() - started, bar)
             tokens = token_chunks(stream, args.seq_len, self.rng, args.batch_size)
             real, adaptive = train_step(model, self.opt, self.sched, self.params, tokens, self.adaptive_ids, args.max_block,
-                                        args.blocks_per_row, args.adaptive_weight, self.rng, args.targets)
+                                        args.blocks_per_row, args.adaptive_weight, self.rng, args.targets,
+                                        args.slot_decay, args.soft_weight, args.real_weight)
             step += 1
             bar.update(1)
             tokens_seen += tokens.numel()
@@ -551,8 +677,8 @@ class _Run:
     def checkpoint(self, step: int, real, adaptive) -> None:
         self.save(step)
         model, args = self.model, self.args
-        if self.peft_mode == "none":  # a usable snapshot at every checkpoint (long runs end without warning)
-            _save_final(model, self.tokenizer, self.adaptive_ids, args, self.out / "snapshot", self.peft_mode)
+        if self.peft_mode != "lora":  # a usable snapshot at every checkpoint (long runs end without warning)
+            _save_final(model, self.tokenizer, self.adaptive_ids, args, self.out / "snapshot", self.peft_mode, self.manifest)
         # A few held-out windows show when more steps stop helping (over-fitting a small corpus).
         model.eval()
         heldout = heldout_real_loss(model, self.held, args.seq_len, windows=8)
@@ -563,7 +689,14 @@ class _Run:
                                 "time": time.time()}) + "\n")
 
 
-def _save_final(model, tokenizer, adaptive_ids, args, folder: Path, peft_mode: str) -> None:
+def corpus_summary(manifest: dict) -> dict:
+    """What a model card says of the corpus a model was trained on (the manifest, minus bulk)."""
+    keys = ("command", "seed", "python", "files", "train_files", "held_files", "file_list_hash", "held_out_packages",
+            "held_out_rule", "exclusions", "train_tokens", "held_tokens", "tokens_per_package", "fim", "near_duplicate")
+    return {k: manifest[k] for k in keys if k in manifest}
+
+
+def _save_final(model, tokenizer, adaptive_ids, args, folder: Path, peft_mode: str, manifest: dict | None = None) -> None:
     from ..modelcard import ModelCard, write_model_card
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -578,8 +711,12 @@ def _save_final(model, tokenizer, adaptive_ids, args, folder: Path, peft_mode: s
 
     init_card = read_model_card(args.init) if args.init else None
     fim = dict(init_card.fim) if init_card else {}
+    if manifest and (manifest.get("fim") or {}).get("rate", 0) > 0 and (init_card is None or init_card.fim):
+        # Trained (or fine-tuned from a model trained) on a FIM corpus: the server may infill.
+        fim = {role: int(i) for role, i in manifest["tokenizer"]["fim"].items()}
+    corpus = corpus_summary(manifest) if manifest else (init_card.corpus if init_card else None)
     write_model_card(folder, ModelCard(adaptive_ids=list(adaptive_ids), k=args.max_block, fim=fim,
-                                       context_length=model.config.max_position_embeddings))
+                                       context_length=model.config.max_position_embeddings, corpus=corpus))
 
 
 def main(args) -> int:
