@@ -183,7 +183,9 @@ class CompiledForward:
             # Static shapes where CUDA graphs want them; elsewhere one graph serves every size.
             # The weights are ours and never change: checking every module's tensors on every call
             # (dynamo's guards) cost ~0.1 ms a pass; tensor guards on the inputs stay.
-            self._run = torch.compile(self._step, dynamic=self.buckets is None, mode=mode, fullgraph=True,
+            # Sizes are marked dynamic where they vary (`_mark_dynamic`), not with dynamic=True: that
+            # also made the model's head counts symbolic, and guards on them recompiled.
+            self._run = torch.compile(self._step, mode=mode, fullgraph=True,
                                       options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         else:
             self._run = self._step
@@ -281,6 +283,8 @@ class CompiledForward:
                 ids_t, pos_t, slots, full = (t.to(self.device, non_blocking=True) for t in (ids_t, pos_t, slots, full))
             keys = [layer._key_buffer for layer in cache.layers]
             values = [layer._value_buffer for layer in cache.layers]
+            if self.compiled and self.buckets is None:
+                self._mark_dynamic(tokens, (ids_t, pos_t, slots, full), full, keys + values)
             out = self._run(ids_t, pos_t, full, slots, keys, values)
             if self.buckets is not None and self.compiled and self.device.type == "cuda":
                 out = out.clone()  # CUDA graph outputs are overwritten by the next replay
@@ -288,6 +292,19 @@ class CompiledForward:
                 layer.length = past + tokens
                 layer._expose()
         return out[:tokens]
+
+    @staticmethod
+    def _mark_dynamic(tokens: int, per_token, mask, buffers) -> None:
+        """One graph for every cache length and one for every pass of more than one token (a size
+        of 1 is always its own graph): the sizes that vary are symbolic from the first call."""
+        mark = torch._dynamo.maybe_mark_dynamic
+        if mask.shape[-1] > 1:
+            mark(mask, 1)
+        for buffer in buffers:
+            mark(buffer, 2)
+        if tokens > 1:
+            for tensor in per_token:
+                mark(tensor, 0)
 
     def _reserve(self, cache, span: int, dtype) -> None:
         """Room for `span` positions in every layer's buffer (the padded rows' KV goes there too)."""
@@ -312,12 +329,11 @@ class CompiledForward:
         cache = GrowableCache(config=self.model.config)
         was_ready, self.ready = self.ready, True
         try:
-            for past in (0, 3):
-                for size in sizes:
-                    cache.crop(-cache.get_seq_length()) if cache.get_seq_length() else None
-                    if past:
-                        self.states(cache, [0] * past, range(past), None)
-                    self.states(cache, [0] * size, range(past, past + size), None)
+            past = 3  # a cache of one position would be a graph of its own (sizes of 1 are)
+            self.states(cache, [0] * past, range(past), None)
+            for size in sizes:
+                self.states(cache, [0] * size, range(past, past + size), None)
+                cache.crop(-size)
         except Exception:
             self.ready = was_ready
             raise

@@ -74,6 +74,8 @@ class DecodeStats:
     wall_ms: float = 0.0
     # Per decoding pass after the prefill: drafts accepted (-1 for a pass that verified none).
     accepted_per_pass: list[int] = field(default_factory=list)
+    # Per decoding pass after the prefill: (tokens fed, ms from feeding to the verified path).
+    pass_costs: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def mean_accepted(self) -> float:
@@ -93,7 +95,7 @@ class DecodeStats:
         return self.new_tokens / self.forward_passes if self.forward_passes else 0.0
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "accepted_per_pass"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("accepted_per_pass", "pass_costs")}
         d["mean_accepted"] = self.mean_accepted
         d["mean_accepted_adaptive"] = self.mean_accepted_adaptive
         d["tokens_per_pass"] = self.tokens_per_pass
@@ -590,6 +592,7 @@ def generate(
             mask = None  # a single block after the whole draft is still a plain causal layout
         else:
             mask = _block_mask(base, len(verify), blocks, len(pass_block), dtype, device)
+        pass_started = time.perf_counter()
         states, to_logits = forward_states(model, cache, ids, positions, mask)
         stats.forward_passes += 1
         stats.tokens_fed += len(ids)
@@ -617,6 +620,7 @@ def generate(
                     break
                 path.append(i + 1)
         accepted = len(path)
+        stats.pass_costs.append((len(ids), (time.perf_counter() - pass_started) * 1e3))
         stats.accepted_per_pass.append(accepted if len(tree) else -1)
         if len(tree):
             stats.verify_passes += 1

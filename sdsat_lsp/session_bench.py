@@ -143,6 +143,7 @@ async def _run_once(path: Path, settings: dict, server_cmd: list[str], timeout: 
         "server_p50_ms": round(statistics.median([r["totalMs"] for r in reqs]), 1) if reqs else 0.0,
         "mean_drafts_accepted": round(statistics.mean([r.get("draftsAccepted", 0) for r in reqs]), 2) if reqs else 0.0,
         "model": report.get("model"),
+        "latencies_ms": [round(v, 1) for v in latencies],
     }
 
 
@@ -162,6 +163,7 @@ def run_editor_session(file: str | Path, *, model: str | None = None, settings: 
         nocache_reprefill_fraction=uncached["reprefill_fraction"],
         file=str(path), file_tokens_prompted=cached["prompt_tokens"], server_p50_ms=cached["server_p50_ms"],
         mean_drafts_accepted=cached["mean_drafts_accepted"], model=cached["model"], settings=base,
+        latencies_ms=cached["latencies_ms"], nocache_latencies_ms=uncached["latencies_ms"],
     )
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
