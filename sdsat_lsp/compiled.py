@@ -320,23 +320,21 @@ class CompiledForward:
 
     def warm_up(self, sizes: Sequence[int] = (1, 2)) -> float:
         """Compile (or load from the disk cache) the graphs for these pass sizes on a scratch cache;
-        returns the seconds taken and marks the step ready."""
+        returns the seconds taken and marks the step ready (a failure leaves it as it was)."""
         from .growable_cache import GrowableCache
 
         started = time.perf_counter()
         if self.buckets is not None:
             sizes = self.buckets
         cache = GrowableCache(config=self.model.config)
-        was_ready, self.ready = self.ready, True
-        try:
-            past = 3  # a cache of one position would be a graph of its own (sizes of 1 are)
-            self.states(cache, [0] * past, range(past), None)
-            for size in sizes:
-                self.states(cache, [0] * size, range(past, past + size), None)
-                cache.crop(-size)
-        except Exception:
-            self.ready = was_ready
-            raise
+        # `states` does not ask `ready` (the engine does, through `accepts`): the worker keeps
+        # decoding eagerly while this compiles.
+        past = 3  # a cache of one position would be a graph of its own (sizes of 1 are)
+        self.states(cache, [0] * past, range(past), None)
+        for size in sizes:
+            self.states(cache, [0] * size, range(past, past + size), None)
+            cache.crop(-size)
+        self.ready = True
         self.compile_s = time.perf_counter() - started
         return self.compile_s
 

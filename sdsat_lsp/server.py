@@ -98,6 +98,9 @@ class Settings:
     top_p: float = 1.0
     seed: int = -1  # sampling seed; -1 = random
     kv_cache: bool = True  # per-document KV cache reuse (off: re-prefill every prompt)
+    # The compiled forward (compiled.py), compiled in the background once the model is ready (eager
+    # until then; cached on disk). The environment's SDSAT_LSP_COMPILE=0 changes this default.
+    compile: bool = os.environ.get("SDSAT_LSP_COMPILE", "1") != "0"
     cache_budget_mb: int = 512  # KV cache memory across documents (LRU eviction)
     enabled: bool = True
 
@@ -264,6 +267,7 @@ class SdsatServer(LanguageServer):
         self.draft_store_info: dict[str, Any] = {"state": "off"}
         self.draft_store_builds = itertools.count(1)
         self.draft_store_build = 0  # the build whose result is wanted; older ones are dropped
+        self.compile_info: dict = {"state": "off"}
 
     # -- notifications to the client (always from the event loop thread) --------------------------
 
@@ -301,6 +305,9 @@ class SdsatServer(LanguageServer):
             self.start_loading()
         elif self.loaded is not None and old.draft_store != new.draft_store:
             self.start_draft_store()
+        if self.state != "starting" and self.loaded is not None and old.compile != new.compile and not any(
+                getattr(old, k) != getattr(new, k) for k in RELOAD_KEYS):
+            self.start_compile()
 
     def supports_configuration_pull(self) -> bool:
         workspace = self.client_capabilities.workspace
@@ -388,6 +395,38 @@ class SdsatServer(LanguageServer):
         self.log_to_client(f"sdsat-lsp: {message}")
         self.set_state("ready", message)
         self.start_draft_store()
+        self.start_compile()
+
+    def start_compile(self) -> None:
+        """Compile the forward pass beside the worker (compiled.py); the engine decodes eagerly until
+        it is done, and again when the setting is turned off."""
+        from .compiled import CompiledForward, attach, supported
+
+        loaded = self.loaded
+        attach(loaded.model, None)
+        if not self.settings.compile:
+            self.compile_info = {"state": "off"}
+            return
+        why = supported(loaded.model)
+        if why is not None:
+            self.compile_info = {"state": "unsupported", "message": why}
+            return
+        compiled = CompiledForward.for_device(loaded.model)
+        self.compile_info = {"state": "compiling"}
+        attach(loaded.model, compiled)  # not ready yet: the engine passes it by
+
+        def done(error: str | None) -> None:
+            if self.loaded is not loaded or not self.settings.compile:
+                return
+            if error is None:
+                self.compile_info = {"state": "ready", "seconds": round(compiled.compile_s, 1)}
+                self.log_to_client(f"sdsat-lsp: compiled forward ready ({compiled.compile_s:.1f} s)")
+            else:
+                attach(loaded.model, None)
+                self.compile_info = {"state": "error", "message": error}
+                self.log_to_client(f"sdsat-lsp: compiled forward unavailable, staying eager: {error}")
+
+        compiled.start_background(lambda error: self.from_worker(done, error))
 
     def start_draft_store(self) -> None:
         """Open the draft store the settings (or the model card) ask for, beside the worker: the
@@ -544,7 +583,7 @@ class SdsatServer(LanguageServer):
             model = {"ref": lm.ref, "device": lm.device, "quantize": lm.quantize, "dtype": lm.dtype,
                      "k": lm.card.k, "fim": bool(lm.card.fim), "loadMs": round(lm.load_ms, 1)}
         return {"state": self.state, "message": self.state_message, "model": model, "cache": cache,
-                "draftStore": self.draft_store_info,
+                "draftStore": self.draft_store_info, "compiled": self.compile_info,
                 "settings": settings_to_wire(self.settings), "requests": requests, "startup": self.startup,
                 "positionEncoding": str(self.workspace.position_encoding) if self.protocol._workspace else None}
 
