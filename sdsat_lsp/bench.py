@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -64,9 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-depth", type=int, default=TREE_DEPTH,
                    help=f"how deep those trees go (default {TREE_DEPTH})")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() comparison")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=os.environ.get("SDSAT_LSP_COMPILE", "1") != "0",
                    help="decode through the compiled forward (compiled.py; compiled before the runs, cached on disk); "
-                   "--no-compile: transformers' eager forward (default: compile)")
+                   "--no-compile: transformers' eager forward (default: compile, unless SDSAT_LSP_COMPILE=0)")
     p.add_argument("--compare-eager", action="store_true",
                    help="with --compile: also run ar and the best SDSAT modes eagerly, interleaved (modes NAME-eager)")
     p.add_argument("--peer", choices=("llama.cpp",),

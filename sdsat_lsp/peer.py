@@ -54,12 +54,17 @@ def ensure_package(progress=print) -> Path:
 
 
 def _low_level(progress=print):
-    folder = str(ensure_package(progress))
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    import llama_cpp.llama_cpp as lib  # the ctypes bindings only: no high-level wrapper
+    import importlib
+    import types
 
-    return lib
+    folder = ensure_package(progress)
+    # The ctypes bindings only: the package's __init__ imports its high-level wrapper, whose
+    # dependencies (diskcache, jinja2) the bench does not need, so the package is entered bare.
+    if "llama_cpp" not in sys.modules:
+        package = types.ModuleType("llama_cpp")
+        package.__path__ = [str(folder / "llama_cpp")]
+        sys.modules["llama_cpp"] = package
+    return importlib.import_module("llama_cpp.llama_cpp")
 
 
 # ---- GGUF ------------------------------------------------------------------------------------
@@ -191,6 +196,9 @@ class LlamaCpp:
 
         self.np = np
         lib = self.lib = _low_level(progress)
+        # llama.cpp logs every load to stderr; the bench prints its own summary.
+        self._quiet = lib.llama_log_callback(lambda level, text, data: None)
+        lib.llama_log_set(self._quiet, None)
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
         self.model = lib.llama_model_load_from_file(str(gguf_path).encode(), params)
