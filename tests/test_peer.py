@@ -66,3 +66,26 @@ def test_bench_reports_a_peer_with_the_keys_of_our_modes(sdsat_micro, code_promp
     fed = ours["passes_by_tokens_fed"]
     assert sum(fed.values()) == ours["forward_passes"] - 2  # every pass but the two prefills
     assert set(fed) == set(ours["ms_per_pass_by_tokens_fed"])
+
+
+def test_plots_draw_the_bench_and_the_session(tmp_path):
+    from sdsat_lsp.plots import plot_bench, plot_session
+
+    entry = {"tokens_per_s": 100.0, "mean_accepted": 1.5}
+    result = {"modes": {"ar": {"tokens_per_s": 50.0, "mean_accepted": 0.0}, "fused": entry},
+              "peers": {"llama.cpp": {"ar": entry}}, "model": "m", "prompts": 2, "max_new_tokens": 8}
+    plot_bench(result, str(tmp_path / "bench.png"))
+    plot_session({"latencies_ms": [10.0, 20.0, 30.0], "nocache_latencies_ms": [40.0, 50.0], "requests": 3},
+                 str(tmp_path / "session.png"))
+    for name in ("bench.png", "session.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shapes_measure_a_small_shape_on_cpu():
+    """The GPU script's measurement, on a tiny shape and eagerly: every variant identical."""
+    from sdsat_lsp.shapes import measure
+
+    result = measure("tiny", "cpu", "none", compile=False, tokens=8, past=16, sizes=(1, 4), repeats=2,
+                     progress=lambda message: None)
+    assert result["all_identical"] is True and set(result["identical"]) == {"eager-ar", "eager-fused"}
+    assert set(result["pass_ms_eager"]) == {"1", "4"} and result["weights_read_floor_ms"] > 0
