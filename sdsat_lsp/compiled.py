@@ -283,8 +283,10 @@ class CompiledForward:
                 ids_t, pos_t, slots, full = (t.to(self.device, non_blocking=True) for t in (ids_t, pos_t, slots, full))
             keys = [layer._key_buffer for layer in cache.layers]
             values = [layer._value_buffer for layer in cache.layers]
-            if self.compiled and self.buckets is None:
-                self._mark_dynamic(tokens, (ids_t, pos_t, slots, full), full, keys + values)
+            if self.compiled:
+                # Padded buckets (CUDA) keep the tokens static; the cache's length stays symbolic
+                # either way, or every new buffer size would be a graph of its own.
+                self._mark_dynamic(tokens if self.buckets is None else 1, (ids_t, pos_t, slots, full), full, keys + values)
             out = self._run(ids_t, pos_t, full, slots, keys, values)
             if self.buckets is not None and self.compiled and self.device.type == "cuda":
                 out = out.clone()  # CUDA graph outputs are overwritten by the next replay
