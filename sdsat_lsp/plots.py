@@ -42,7 +42,7 @@ def plot_bench(result: dict, path: str) -> None:
         left.text(value, row, f" {value:.0f}", va="center", fontsize=8)
     right.barh(rows, accepted, color=colours)
     right.set_xlabel("accepted drafts per verifying pass")
-    title = (f"{result.get('model', '')}: {result.get('prompts', '?')} prompts x {result.get('max_new_tokens', '?')} "
+    title = (f"{str(result.get('model', '')).rstrip('/').split('/')[-1]}: {result.get('prompts', '?')} prompts x {result.get('max_new_tokens', '?')} "
              f"tokens, {result.get('device', '')}, {result.get('threads', '?')} threads, "
              f"compile={result.get('compile')}, identical={result.get('identical')}")
     fig.suptitle(title, fontsize=9)
