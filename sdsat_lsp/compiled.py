@@ -185,8 +185,10 @@ class CompiledForward:
             # (dynamo's guards) cost ~0.1 ms a pass; tensor guards on the inputs stay.
             # Sizes are marked dynamic where they vary (`_mark_dynamic`), not with dynamic=True: that
             # also made the model's head counts symbolic, and guards on them recompiled.
-            self._run = torch.compile(self._step, mode=mode, fullgraph=True,
-                                      options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            # torch.compile takes a mode or options, not both: a mode is spelled as its options.
+            options = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+            options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+            self._run = torch.compile(self._step, fullgraph=True, options=options)
         else:
             self._run = self._step
 

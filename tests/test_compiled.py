@@ -190,3 +190,12 @@ def test_logits_through_the_step(tiny_lm, code_prompts, detach_after):
     got = forward(model, GrowableCache(config=model.config), prompt, range(len(prompt)), logits_to_keep=2)
     assert got.shape == expected.shape == (2, model.config.vocab_size)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_cuda_settings_can_be_built_on_cpu(tiny_lm):
+    """for_device's CUDA choice (CUDA graphs over padded buckets) compiles lazily: building it with
+    its mode must not fail (torch.compile refuses a mode and options together)."""
+    step = CompiledForward(tiny_lm[0], buckets=compiled_mod.CUDA_BUCKETS, kv_block=compiled_mod.CUDA_KV_BLOCK,
+                           mode="reduce-overhead")
+    assert step.max_tokens == compiled_mod.CUDA_BUCKETS[-1] and not step.ready
+    assert step._bucket(5) == 8 and step._bucket(64) == 64
