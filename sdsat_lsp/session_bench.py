@@ -101,7 +101,9 @@ async def _run_once(path: Path, settings: dict, server_cmd: list[str], timeout: 
     if statuses[-1]["state"] == "error":
         raise RuntimeError(f"the server could not load the model: {statuses[-1]['message']}")
     # The compiled forward builds in the background once the model is ready: time the session
-    # after it, so that the figures are those of a server that has been up a while.
+    # after it, so that the figures are those of a server that has been up a while. It runs at low
+    # priority, so on a busy machine it takes minutes: its own allowance.
+    deadline = time.perf_counter() + max(timeout, 900.0)
     while True:
         stats = _plain(await client.protocol.send_request_async("sdsat/stats", {"last": 0}))
         compiled = (stats or {}).get("compiled") or {}
