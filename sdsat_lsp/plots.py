@@ -62,11 +62,13 @@ def plot_session(result: dict, path: str) -> None:
             ordered = sorted(values)
             ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=f"{label} (p50 "
                     f"{ordered[len(ordered) // 2]:.0f} ms)")
+    ax.set_xscale("log")  # a long tail (requests that met a busy CPU) would squash the rest
     ax.set_xlabel("request latency, ms")
     ax.set_ylabel("fraction of requests")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(f"editor session: {result.get('requests', '?')} requests", fontsize=9)
+    compiled = (result.get("compiled") or {}).get("state", "?")
+    ax.set_title(f"editor session: {result.get('requests', '?')} requests, compiled forward: {compiled}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
