@@ -74,6 +74,10 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # OpenMP threads that spin while they wait collapse when another process holds a core: on 2
+    # busy cores, 2 spinning threads measured 570-790 ms a token against 6-25 ms when they sleep
+    # (README, "Threads"). Read once, when torch loads OpenMP; the user's own value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = sys.argv[1:] if argv is None else list(argv)
     # The server must answer `initialize` within a second; the tools' parsers import torch (~3-8 s),
     # so serving builds the parser without them.

@@ -63,6 +63,8 @@ class DecodeStats:
     wall_ms: float = 0.0
     # Per decoding pass after the prefill: drafts accepted (-1 for a pass that verified none).
     accepted_per_pass: list[int] = field(default_factory=list)
+    # Per decoding pass after the prefill: (tokens fed, ms from feeding to the verified path).
+    pass_costs: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def mean_accepted(self) -> float:
@@ -82,7 +84,7 @@ class DecodeStats:
         return self.new_tokens / self.forward_passes if self.forward_passes else 0.0
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "accepted_per_pass"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("accepted_per_pass", "pass_costs")}
         d["mean_accepted"] = self.mean_accepted
         d["mean_accepted_adaptive"] = self.mean_accepted_adaptive
         d["tokens_per_pass"] = self.tokens_per_pass
@@ -197,8 +199,10 @@ class _Decode:
                 break
             p = self.lay_out(propose(self.drafting, self.sampling.greedy, self.lookup, self.store, self.seq, self.y,
                                      self.drafts))
+            pass_started = time.perf_counter()
             states, to_logits = forward_states(self.model, self.cache, p.ids, p.positions, p.mask)
             path, next_y = self.verify(p, states, to_logits)
+            self.stats.pass_costs.append((len(p.ids), (time.perf_counter() - pass_started) * 1e3))
             self.count(p, path)
             next_drafts = self.next_drafts(p, path, states, to_logits)
             done = self.advance(p, path, next_y, next_drafts)

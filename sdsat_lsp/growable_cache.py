@@ -46,7 +46,9 @@ class GrowableLayer(DynamicLayer):
 
         def bigger(old: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
             shape = (*like.shape[:-2], capacity, like.shape[-1])
-            new = torch.empty(shape, dtype=like.dtype, device=like.device)
+            # Zeros, not empty: the compiled forward's padded passes attend over spare room (masked),
+            # and uninitialized memory could hold NaN or inf, which a mask does not cancel.
+            new = torch.zeros(shape, dtype=like.dtype, device=like.device)
             if old is not None and self.length:
                 new[..., : self.length, :] = old[..., : self.length, :]
             return new

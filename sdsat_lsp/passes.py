@@ -17,10 +17,22 @@ def model_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def _compiled(model, cache, tokens: int):
+    """The model's compiled forward (`compiled.py`, attached by the server or the bench) when it is
+    ready and takes this pass; None: the eager path below."""
+    compiled = model.__dict__.get("sdsat_forward")
+    return compiled if compiled is not None and compiled.accepts(cache, tokens) else None
+
+
 def forward(model, cache, ids: Sequence[int], positions: Sequence[int], mask: torch.Tensor | None = None,
             logits_to_keep: int = 0) -> torch.Tensor:
     """One forward pass appending `ids` to `cache`; returns (T, V) float32 logits (the last
     `logits_to_keep` positions when it is > 0)."""
+    compiled = _compiled(model, cache, len(ids))
+    if compiled is not None:
+        states = compiled.states(cache, ids, positions, mask)
+        with torch.inference_mode():
+            return model.get_output_embeddings()(states[-logits_to_keep:] if logits_to_keep else states).float()
     with torch.inference_mode():
         out = model(**_pass_inputs(model, cache, ids, positions, mask), logits_to_keep=logits_to_keep)
     return out.logits[0].float()
@@ -52,6 +64,15 @@ def forward_states(model, cache, ids: Sequence[int], positions: Sequence[int], m
     A fused pass feeds a block of adaptive tokens for every acceptance length it prepares for and
     then reads only one of them; the head (vocabulary x hidden) is a third of the small models'
     per-token work, so projecting only the rows that are read is worth it."""
+    compiled = _compiled(model, cache, len(ids))
+    if compiled is not None:
+        head = model.get_output_embeddings()
+
+        def head_logits(rows: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return head(rows).float()
+
+        return compiled.states(cache, ids, positions, mask), head_logits
     split = _decoder_and_head(model)
     if split is None:
         return forward(model, cache, ids, positions, mask), (lambda rows: rows)

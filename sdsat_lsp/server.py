@@ -93,6 +93,7 @@ class SdsatServer(LanguageServer):
         self.load_task: asyncio.Task | None = None
         self.startup: dict[str, Any] = {}  # when initialize was answered, whether torch was in yet
         self.drafts = DraftStoreBuilder(self.from_worker)  # the draft store, built beside the worker
+        self.compile_info: dict = {"state": "off"}  # the compiled forward's state (start_compile)
         self.loop_block_ms = 0.0  # the longest the event loop was late for its watch (see watch_loop)
         self.trim_pending = False  # a return_memory is queued on the worker
 
@@ -149,6 +150,9 @@ class SdsatServer(LanguageServer):
             self.start_loading()
         elif self.loaded is not None and old.draft_store != new.draft_store:
             self.start_draft_store()
+        if self.state != "starting" and self.loaded is not None and old.compile != new.compile and not any(
+                getattr(old, k) != getattr(new, k) for k in RELOAD_KEYS):
+            self.start_compile()
 
     def supports_configuration_pull(self) -> bool:
         workspace = self.client_capabilities.workspace
@@ -240,6 +244,38 @@ class SdsatServer(LanguageServer):
         self.log_to_client(f"sdsat-lsp: {message}")
         self.set_state("ready", message)
         self.start_draft_store()
+        self.start_compile()
+
+    def start_compile(self) -> None:
+        """Compile the forward pass beside the worker (compiled.py); the engine decodes eagerly until
+        it is done, and again when the setting is turned off."""
+        from .compiled import CompiledForward, attach, supported
+
+        loaded = self.loaded
+        attach(loaded.model, None)
+        if not self.settings.compile:
+            self.compile_info = {"state": "off"}
+            return
+        why = supported(loaded.model)
+        if why is not None:
+            self.compile_info = {"state": "unsupported", "message": why}
+            return
+        compiled = CompiledForward.for_device(loaded.model)
+        self.compile_info = {"state": "compiling"}
+        attach(loaded.model, compiled)  # not ready yet: the engine passes it by
+
+        def done(error: str | None) -> None:
+            if self.loaded is not loaded or not self.settings.compile:
+                return
+            if error is None:
+                self.compile_info = {"state": "ready", "seconds": round(compiled.compile_s, 1)}
+                self.log_to_client(f"sdsat-lsp: compiled forward ready ({compiled.compile_s:.1f} s)")
+            else:
+                attach(loaded.model, None)
+                self.compile_info = {"state": "error", "message": error}
+                self.log_to_client(f"sdsat-lsp: compiled forward unavailable, staying eager: {error}")
+
+        compiled.start_background(lambda error: self.from_worker(done, error))
 
     def start_draft_store(self) -> None:
         self.drafts.start(self.settings.draft_store, self.loaded, self.log_to_client, self.warn_user)
@@ -359,7 +395,7 @@ class SdsatServer(LanguageServer):
                      "withState": len(self.docs), "maxWithState": session.MAX_DOCUMENTS, "forgotten": self.docs.forgotten,
                      "maxCompletionChars": session.MAX_COMPLETION_CHARS}
         return {"state": self.state, "message": self.state_message, "model": model, "cache": cache,
-                "documents": documents, "draftStore": self.drafts.info,
+                "documents": documents, "draftStore": self.drafts.info, "compiled": self.compile_info,
                 "eventLoop": {"maxBlockMs": round(self.loop_block_ms, 1)},
                 "settings": settings_to_wire(self.settings), "requests": requests, "startup": self.startup,
                 "positionEncoding": str(self.workspace.position_encoding) if self.protocol.has_workspace else None}

@@ -4,6 +4,7 @@ place. To add a setting, see docs/extending.md."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,9 @@ class Settings:
     top_p: float = 1.0
     seed: int = -1  # sampling seed; -1 = random
     kv_cache: bool = True  # per-document KV cache reuse (off: re-prefill every prompt)
+    # The compiled forward (compiled.py), compiled in the background once the model is ready (eager
+    # until then; cached on disk). The environment's SDSAT_LSP_COMPILE=0 changes this default.
+    compile: bool = os.environ.get("SDSAT_LSP_COMPILE", "1") != "0"
     cache_budget_mb: int = 512  # KV cache memory across documents (LRU eviction)
     enabled: bool = True
 

@@ -7,6 +7,9 @@ import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Servers the tests start do not compile their forward pass in the background (minutes of CPU on
+# 2 cores per server); test_compiled.py and the server's compile test ask for it.
+os.environ.setdefault("SDSAT_LSP_COMPILE", "0")
 
 import pytest
 import pytest_asyncio

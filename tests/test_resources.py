@@ -48,7 +48,7 @@ import time
 
 import pytest
 
-from test_server import BASE_OPTIONS, Session, capabilities  # tests/test_server.py: the stdio client
+from lsp_client import BASE_OPTIONS, Session, capabilities  # tests/lsp_client.py: the stdio client
 
 from documents import WALK_MODULE as DOC  # tests/documents.py
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -64,6 +65,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-depth", type=int, default=TREE_DEPTH,
                    help=f"how deep those trees go (default {TREE_DEPTH})")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate() comparison")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=os.environ.get("SDSAT_LSP_COMPILE", "1") != "0",
+                   help="decode through the compiled forward (compiled.py; compiled before the runs, cached on disk); "
+                   "--no-compile: transformers' eager forward (default: compile, unless SDSAT_LSP_COMPILE=0)")
+    p.add_argument("--compare-eager", action="store_true",
+                   help="with --compile: also run ar and the best SDSAT modes eagerly, interleaved (modes NAME-eager)")
+    p.add_argument("--peer", choices=("llama.cpp",),
+                   help="also decode every prompt with this engine on the same model (converted to GGUF; "
+                   "llama-cpp-python built once under ~/.cache/sdsat-lsp/peers), interleaved; JSON: peers")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and the peer (default: torch's choice)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the figures (needs matplotlib: pip install 'sdsat-lsp[plot]')")
     p.add_argument("--json", dest="json_path", help="write the results here")
     p.add_argument("--editor-session", metavar="FILE",
                    help="instead: replay typing FILE against the server over stdio, with and without the KV cache")
@@ -82,35 +93,107 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
+EAGER = "-eager"  # a mode name's suffix: the same mode through transformers' eager forward
+
+
+def _pass_costs(costs) -> dict:
+    """Median ms per pass, and passes, by tokens fed (JSON keys are strings)."""
+    by_fed: dict[int, list[float]] = {}
+    for fed, ms in costs:
+        by_fed.setdefault(fed, []).append(ms)
+    return {"ms_per_pass_by_tokens_fed": {str(f): round(_median(v), 3) for f, v in sorted(by_fed.items())},
+            "passes_by_tokens_fed": {str(f): len(v) for f, v in sorted(by_fed.items())}}
+
+
+def _timings(gens) -> dict:
+    """Per-prompt wall ms, the prefill and decoding ms per new token (medians over prompts)."""
+    return {
+        "per_prompt_ms": [round(g.stats.wall_ms if hasattr(g, "stats") else g.wall_ms, 2) for g in gens],
+        "prefill_ms": round(_median([(g.stats if hasattr(g, "stats") else g).prefill_ms for g in gens]), 2),
+        "decode_ms_per_token": round(_median([
+            (s.wall_ms - s.prefill_ms) / max(1, n - 1)
+            for s, n in ((g.stats if hasattr(g, "stats") else g, len(g.tokens)) for g in gens)]), 3),
+    }
+
+
+def _peer_entries(peer, runs: dict[str, list], ar) -> dict:
+    """The peer's modes with the keys of ours (those that have no meaning for it are null or 0)."""
+    out = {}
+    for mode, gens in runs.items():
+        tokens = sum(len(g.tokens) for g in gens)
+        wall_s = sum(g.wall_ms for g in gens) / 1e3
+        passes = sum(g.forward_passes for g in gens)
+        verify = sum(g.verify_passes for g in gens)
+        out[mode] = {
+            "identical": all(g.tokens == a.tokens for g, a in zip(gens, ar)),
+            "tokens": tokens,
+            "wall_s": round(wall_s, 4),
+            "tokens_per_s": round(tokens / wall_s, 2) if wall_s else 0.0,
+            "forward_passes": passes,
+            "tokens_per_pass": round(tokens / passes, 4) if passes else 0.0,
+            "mean_accepted": _ratio(sum(g.drafts_accepted for g in gens), verify),
+            "mean_accepted_adaptive": None,
+            "lookup_passes": verify,
+            "store_passes": 0,
+            "mean_accepted_store": None,
+            "tokens_fed_per_pass": _ratio(sum(g.tokens_fed for g in gens), passes),
+            "speedup": round(_median([a.stats.wall_ms / g.wall_ms for g, a in zip(gens, ar)]), 4),
+            "median_ms": round(_median([g.wall_ms for g in gens]), 2),
+            "threads": peer.threads,
+            **_timings(gens),
+            **_pass_costs([c for g in gens for c in g.pass_costs]),
+        }
+    return out
+
+
 def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[int], max_new_tokens: int,
               with_hf: bool = True, progress=None, draft_length: str = "adaptive", draft_store=None,
-              tree_nodes: int = TREE_NODES, tree_depth: int = TREE_DEPTH) -> dict:
-    """Decode every prompt with every mode; return the figures (see `main` for the keys)."""
+              tree_nodes: int = TREE_NODES, tree_depth: int = TREE_DEPTH, peer=None, compare_eager: bool = False) -> dict:
+    """Decode every prompt with every mode; return the figures (see `main` for the keys). `peer`: another
+    engine (peer.py) decoding the same prompts in its modes, interleaved with ours. `compare_eager`:
+    with a compiled forward attached, ar and the SDSAT modes also run eagerly (NAME-eager)."""
+    from ..compiled import attach, attached
     from ..engine import generate
 
     model = loaded.model
+    compiled = attached(model)
     sdsat_modes = tuple(m for m in SDSAT_MODES if draft_store is not None or not ENGINE_MODES[m][2])
     modes = ("ar",) + sdsat_modes + (("fused+store-chain",) if draft_store is not None and tree_nodes else ())
+    if compare_eager and compiled is not None:
+        modes += tuple(m + EAGER for m in ("ar",) + sdsat_modes[-2:])
+    peer_modes = tuple(("peer", m) for m in peer.modes) if peer is not None else ()
+    peer_runs: dict[str, list] = {m: [] for _, m in peer_modes}
     runs: dict[str, list] = {m: [] for m in modes}
     hf_runs: dict[str, list] = {"hf-greedy": [], "hf-prompt-lookup": []}
     eos = model.config.eos_token_id
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
     # Warm-up: first passes pay for allocator growth and lazy initialisation.
-    def run(mode: str, prompt: list[int], new_tokens: int):
-        engine_mode, ngram, use_store, tree = ENGINE_MODES[mode]
-        return generate(model, prompt, mode=engine_mode, k=k, adaptive_ids=adaptive_ids, max_new_tokens=new_tokens,
-                        eos_ids=eos_ids, draft_length=draft_length, lookup_ngram=ngram,
-                        draft_store=draft_store if use_store else None, tree_nodes=tree_nodes if tree else 0, tree_depth=tree_depth)
+    def run(mode, prompt: list[int], new_tokens: int):
+        if isinstance(mode, tuple):  # the peer's
+            return peer.run(mode[1], prompt, new_tokens, eos_ids)
+        eager = mode.endswith(EAGER)
+        engine_mode, ngram, use_store, tree = ENGINE_MODES[mode.removesuffix(EAGER)]
+        if eager:
+            attach(model, None)
+        try:
+            return generate(model, prompt, mode=engine_mode, k=k, adaptive_ids=adaptive_ids, max_new_tokens=new_tokens,
+                            eos_ids=eos_ids, draft_length=draft_length, lookup_ngram=ngram,
+                            draft_store=draft_store if use_store else None, tree_nodes=tree_nodes if tree else 0,
+                            tree_depth=tree_depth)
+        finally:
+            if eager:
+                attach(model, compiled)
 
-    for mode in modes:
+    everything = modes + peer_modes
+    for mode in everything:
         run(mode, prompts[0][:32], 8)
 
     for i, prompt in enumerate(prompts):
         # Rotate the order so no mode always runs first (caches, turbo, noisy neighbours).
-        order = modes[i % len(modes):] + modes[: i % len(modes)]
+        order = everything[i % len(everything):] + everything[: i % len(everything)]
         for mode in order:
-            runs[mode].append(run(mode, prompt, max_new_tokens))
+            (peer_runs[mode[1]] if isinstance(mode, tuple) else runs[mode]).append(run(mode, prompt, max_new_tokens))
         if with_hf:
             for name, extra in (("hf-greedy", {}), ("hf-prompt-lookup", {"prompt_lookup_num_tokens": 10})):
                 hf_runs[name].append(_hf_generate(model, prompt, max_new_tokens, eos_ids, extra))
@@ -121,12 +204,14 @@ def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[in
     result: dict = {"modes": {}}
     for mode in modes:
         result["modes"][mode] = _mode_entry(runs[mode], ar)
+    if peer is not None:
+        result["peers"] = {peer.name: _peer_entries(peer, peer_runs, ar)}
     for name, outs in hf_runs.items():
         if outs:
             result["modes"][name] = _hf_entry(outs, ar)
     best = max(sdsat_modes, key=lambda m: result["modes"][m]["speedup"])
     result.update(
-        identical=all(result["modes"][m]["identical"] for m in modes),
+        identical=all(result["modes"][m]["identical"] for m in modes if not m.endswith(EAGER)),
         best_mode=best,
         speedup=result["modes"][best]["speedup"],
         tokens_per_pass=result["modes"][best]["tokens_per_pass"],
@@ -161,6 +246,8 @@ def _mode_entry(gens: list, ar: list) -> dict:
         "tokens_fed_per_pass": _ratio(sum(g.stats.tokens_fed - g.stats.prefill_tokens for g in gens), passes),
         "speedup": round(_median([a.stats.wall_ms / g.stats.wall_ms for g, a in zip(gens, ar)]), 4),
         "median_ms": round(_median([g.stats.wall_ms for g in gens]), 2),
+        **_timings(gens),
+        **_pass_costs([c for g in gens for c in g.stats.pass_costs]),
     }
 
 
@@ -221,8 +308,14 @@ def _editor_session(args) -> int:
     settings = {"quantize": args.quantize, "device": args.device}
     if args.k is not None:
         settings["k"] = args.k
+    if not args.compile:
+        settings["compile"] = False
     result = run_editor_session(args.editor_session, model=args.model, settings=settings, json_out=args.json_path)
-    print(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if not k.endswith("latencies_ms")}, indent=2))
+    if args.plot:
+        from .plots import plot_session
+
+        plot_session(result, args.plot)
     return 0
 
 
@@ -234,6 +327,32 @@ def _draft_store(choice: str, loaded):
         return None
     return open_store(choice, loaded.tokenizer, loaded.model.get_input_embeddings().weight.shape[0],
                       progress=lambda message: print(message, file=sys.stderr, flush=True), model_dir=loaded.folder)
+
+
+def _compile(model):
+    """The compiled forward, compiled (or loaded from the disk cache) before the runs and attached;
+    None, said on stderr, when the model is not one it covers."""
+    from ..compiled import CompiledForward, attach, supported
+
+    why = supported(model)
+    if why is not None:
+        print(f"compiled forward: not for this model ({why}); eager", file=sys.stderr)
+        return None
+    compiled = CompiledForward.for_device(model)
+    print("compiling the forward pass (cached on disk after the first time) ...", file=sys.stderr, flush=True)
+    compiled.warm_up()
+    print(f"  compiled in {compiled.compile_s:.1f} s", file=sys.stderr)
+    attach(model, compiled)
+    return compiled
+
+
+def _open_peer(name: str, loaded, n_ctx: int):
+    import torch
+
+    from .peer import open_peer
+
+    return open_peer(name, loaded.folder, n_ctx, torch.get_num_threads(),
+                     progress=lambda message: print(message, file=sys.stderr, flush=True))
 
 
 def main(args) -> int:
@@ -251,6 +370,12 @@ def main(args) -> int:
         raise SdsatError(f"--tree-nodes must lie in 0..64 (got {args.tree_nodes})")
     if not 1 <= args.tree_depth <= 64:
         raise SdsatError(f"--tree-depth must lie in 1..64 (got {args.tree_depth})")
+    if args.threads < 0:
+        raise SdsatError(f"--threads must be at least 0 (got {args.threads})")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     loaded = resolve_model(args.model, quantize=args.quantize, device=args.device, dtype=args.dtype,
                            adaptive_ids=args.adaptive_ids, k=args.k)
     k = args.k or loaded.card.k
@@ -274,16 +399,33 @@ def main(args) -> int:
     print(f"model {loaded.ref} ({loaded.quantize}, {loaded.dtype}, {loaded.device}); k={k}; "
           f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each", file=sys.stderr)
     store = _draft_store(args.draft_store, loaded)
-    result = run_bench(loaded, prompts, k=k, adaptive_ids=list(adaptive_ids), max_new_tokens=args.max_new_tokens,
-                       with_hf=not args.no_hf, progress=progress, draft_length=args.draft_length, draft_store=store,
-                       tree_nodes=args.tree_nodes, tree_depth=args.tree_depth)
+    compiled = _compile(loaded.model) if args.compile else None
+    peer = _open_peer(args.peer, loaded, max(len(p) for p in prompts) + args.max_new_tokens + 16) if args.peer else None
+    try:
+        result = run_bench(loaded, prompts, k=k, adaptive_ids=list(adaptive_ids), max_new_tokens=args.max_new_tokens,
+                           with_hf=not args.no_hf, progress=progress, draft_length=args.draft_length, draft_store=store,
+                           tree_nodes=args.tree_nodes, tree_depth=args.tree_depth, peer=peer,
+                           compare_eager=args.compare_eager)
+    finally:
+        if peer is not None:
+            peer.close()
     print(file=sys.stderr)
+    import torch
+
+    result.update(compile=compiled is not None and compiled.compiled, compile_s=compiled.compile_s if compiled else None,
+                  threads=torch.get_num_threads())
     result.update(k=k, adaptive_ids=list(adaptive_ids), model=str(loaded.ref), device=loaded.device,
                   quantize=loaded.quantize, dtype=loaded.dtype, prompts=len(prompts), max_new_tokens=args.max_new_tokens,
                   source=args.source or "stdlib-held-out", draft_length=args.draft_length,
                   draft_store=store.source if store is not None else "none", draft_store_tokens=len(store) if store is not None else 0,
                   tree_nodes=args.tree_nodes, tree_depth=args.tree_depth)
     print(format_table(result))
+    for name, entries in result.get("peers", {}).items():
+        print(format_table({"modes": {f"{name} {m}": e for m, e in entries.items()}}).split("\n", 2)[2])
+    if args.plot:
+        from .plots import plot_bench
+
+        plot_bench(result, args.plot)
     print(f"identical: {result['identical']}  speedup ({result['best_mode']}): {result['speedup']:.2f}x  "
           f"tokens/pass: {result['tokens_per_pass']:.2f}  mean accepted: {result['mean_accepted']:.2f} "
           f"(adaptive-token drafts: {_number(result['mean_accepted_adaptive']):.2f})")

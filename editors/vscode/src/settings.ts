@@ -13,7 +13,7 @@ export const SECTION = 'sdsat';
  * package.json that is not a RESTART_KEY (tests/test_editor_settings.py holds the two lists to that). */
 const SERVER_KEYS = [
     'model', 'quantize', 'device', 'k', 'lookupNgram', 'draftStore', 'treeNodes', 'cacheBudgetMb', 'draftLength', 'maxTokens',
-    'timeBudgetMs',
+    'timeBudgetMs', 'compile',
 ] as const;
 
 /** Settings that need a new server process (a new command line or document selector). */
