@@ -374,3 +374,28 @@ def attach(model, forward: CompiledForward | None) -> None:
 
 def attached(model) -> CompiledForward | None:
     return model.__dict__.get("sdsat_forward")
+
+
+def compile_beside(model, wanted: bool, report) -> dict:
+    """Detach any compiled forward from `model`, then (when `wanted` and supported) compile a new
+    one in the background; returns the state now ({"state": off | unsupported | compiling}) and
+    later calls `report(info, message)` from the compiling thread with the final state."""
+    attach(model, None)
+    if not wanted:
+        return {"state": "off"}
+    why = supported(model)
+    if why is not None:
+        return {"state": "unsupported", "message": why}
+    compiled = CompiledForward.for_device(model)
+    attach(model, compiled)  # not ready yet: the engine passes it by
+
+    def finished(error: str | None) -> None:
+        if error is None:
+            report({"state": "ready", "seconds": round(compiled.compile_s, 1)},
+                   f"compiled forward ready ({compiled.compile_s:.1f} s)")
+        else:
+            attach(model, None)
+            report({"state": "error", "message": error}, f"compiled forward unavailable, staying eager: {error}")
+
+    compiled.start_background(finished)
+    return {"state": "compiling"}

@@ -54,10 +54,11 @@ from .errors import SdsatError
 from .jsonrpc import LenientStdin, Protocol, plain
 from .kvcache import KVCacheStore
 from .loading import load_blocking
-from .prompt import Completion
 from . import faults, session
+from .prompt import Completion
+from .replies import completion_items, inline_items, stats_reply
 from .session import Documents, Job, Outcome, return_memory
-from .settings import RELOAD_KEYS, Settings, camel, parse_settings, settings_to_wire
+from .settings import RELOAD_KEYS, Settings, parse_settings
 from .tcp import new_token, parse_address, serve_tcp
 
 log = logging.getLogger(__name__)
@@ -249,33 +250,18 @@ class SdsatServer(LanguageServer):
     def start_compile(self) -> None:
         """Compile the forward pass beside the worker (compiled.py); the engine decodes eagerly until
         it is done, and again when the setting is turned off."""
-        from .compiled import CompiledForward, attach, supported
+        from .compiled import compile_beside
 
         loaded = self.loaded
-        attach(loaded.model, None)
-        if not self.settings.compile:
-            self.compile_info = {"state": "off"}
-            return
-        why = supported(loaded.model)
-        if why is not None:
-            self.compile_info = {"state": "unsupported", "message": why}
-            return
-        compiled = CompiledForward.for_device(loaded.model)
-        self.compile_info = {"state": "compiling"}
-        attach(loaded.model, compiled)  # not ready yet: the engine passes it by
 
-        def done(error: str | None) -> None:
-            if self.loaded is not loaded or not self.settings.compile:
-                return
-            if error is None:
-                self.compile_info = {"state": "ready", "seconds": round(compiled.compile_s, 1)}
-                self.log_to_client(f"sdsat-lsp: compiled forward ready ({compiled.compile_s:.1f} s)")
-            else:
-                attach(loaded.model, None)
-                self.compile_info = {"state": "error", "message": error}
-                self.log_to_client(f"sdsat-lsp: compiled forward unavailable, staying eager: {error}")
+        def done(info: dict, message: str | None) -> None:
+            if self.loaded is loaded and self.settings.compile:
+                self.compile_info = info
+                if message:
+                    self.log_to_client(f"sdsat-lsp: {message}")
 
-        compiled.start_background(lambda error: self.from_worker(done, error))
+        self.compile_info = compile_beside(loaded.model, self.settings.compile,
+                                           lambda info, message: self.from_worker(done, info, message))
 
     def start_draft_store(self) -> None:
         self.drafts.start(self.settings.draft_store, self.loaded, self.log_to_client, self.warn_user)
@@ -372,34 +358,7 @@ class SdsatServer(LanguageServer):
             pass
 
     def stats_report(self, params: Any) -> dict:
-        last = 50
-        uri = None
-        if params is not None:
-            data = plain(params)
-            if isinstance(data, dict):
-                last = data.get("last", last) if isinstance(data.get("last"), int) else last
-                uri = data.get("uri") if isinstance(data.get("uri"), str) else None
-        with self.recent_lock:
-            recent = list(self.recent)
-        requests = [r for r in recent if uri is None or r["uri"] == uri][-max(0, last):] if last else []
-        cache = self.kv.summary() if self.kv is not None else {"documents": 0, "bytes": 0, "per_document": {}}
-        per_doc = cache.pop("per_document", {})
-        cache["perDocument"] = [{"uri": u, **v} for u, v in per_doc.items()]
-        cache = {camel(k): v for k, v in cache.items()}
-        model = None
-        if self.loaded is not None:
-            lm = self.loaded
-            model = {"ref": lm.ref, "device": lm.device, "quantize": lm.quantize, "dtype": lm.dtype,
-                     "k": lm.card.k, "fim": bool(lm.card.fim), "loadMs": round(lm.load_ms, 1)}
-        documents = {"open": len(self.workspace.text_documents) if self.protocol.has_workspace else 0,
-                     "withState": len(self.docs), "maxWithState": session.MAX_DOCUMENTS, "forgotten": self.docs.forgotten,
-                     "maxCompletionChars": session.MAX_COMPLETION_CHARS}
-        return {"state": self.state, "message": self.state_message, "model": model, "cache": cache,
-                "documents": documents, "draftStore": self.drafts.info, "compiled": self.compile_info,
-                "eventLoop": {"maxBlockMs": round(self.loop_block_ms, 1)},
-                "settings": settings_to_wire(self.settings), "requests": requests, "startup": self.startup,
-                "positionEncoding": str(self.workspace.position_encoding) if self.protocol.has_workspace else None}
-
+        return stats_reply(self, params)
 
 def _version() -> str:
     try:
@@ -408,40 +367,6 @@ def _version() -> str:
         return version("sdsat-lsp")
     except Exception:
         return "0"
-
-
-# ----------------------------------------------------------------------------------------------
-# Conversions to LSP types (pure).
-
-
-def inline_items(outcome: Outcome | None, cursor: types.Position, rest: str, encoding_units) -> types.InlineCompletionList:
-    if outcome is None or outcome.completion is None:
-        return types.InlineCompletionList(items=[])
-    c = outcome.completion
-    end = types.Position(line=cursor.line, character=cursor.character + encoding_units(rest[: c.replace_chars]))
-    return types.InlineCompletionList(items=[
-        types.InlineCompletionItem(insert_text=c.text, range=types.Range(start=cursor, end=end))
-    ])
-
-
-def completion_items(outcome: Outcome | None, cursor: types.Position, rest: str, word: str,
-                     encoding_units) -> types.CompletionList:
-    """The fallback for clients without inline completion: one item that replaces the word before
-    the cursor (so the client's prefix filter keeps it) and what the completion replaces after it."""
-    if outcome is None or outcome.completion is None:
-        return types.CompletionList(is_incomplete=True, items=[])
-    c = outcome.completion
-    start = types.Position(line=cursor.line, character=cursor.character - encoding_units(word))
-    end = types.Position(line=cursor.line, character=cursor.character + encoding_units(rest[: c.replace_chars]))
-    first_line = c.text.strip().splitlines()[0] if c.text.strip() else c.text
-    return types.CompletionList(is_incomplete=True, items=[types.CompletionItem(
-        label=(word + first_line)[:80] if not c.text.startswith("\n") else first_line[:80],
-        kind=types.CompletionItemKind.Text,
-        detail="sdsat-lsp",
-        filter_text=word + c.text,
-        insert_text_format=types.InsertTextFormat.PlainText,
-        text_edit=types.TextEdit(range=types.Range(start=start, end=end), new_text=word + c.text),
-    )])
 
 
 # ----------------------------------------------------------------------------------------------
