@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn

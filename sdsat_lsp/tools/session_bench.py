@@ -105,7 +105,7 @@ async def _run_once(path: Path, settings: dict, server_cmd: list[str], timeout: 
     # priority, so on a busy machine it takes minutes: its own allowance.
     deadline = time.perf_counter() + max(timeout, 900.0)
     while True:
-        stats = _plain(await client.protocol.send_request_async("sdsat/stats", {"last": 0}))
+        stats = plain(await client.protocol.send_request_async("sdsat/stats", {"last": 0}))
         compiled = (stats or {}).get("compiled") or {}
         if compiled.get("state") != "compiling":
             break
