@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     serving = not any(a in TOOLS or a in ("-h", "--help") for a in argv)
     parser = build_parser(tools=not serving)
     args = parser.parse_args(argv)
+    args.argv = argv  # what a tool records as its command (sys.argv is not it when main() is called)
     _setup_logging(args.verbose, args.log_file)
     try:
         if args.command is None:
