@@ -47,4 +47,6 @@ def test_eval_command_writes_json(sdsat_micro_dir, tmp_path):
     result = json.loads(out.read_text())
     assert {"exact_match", "edit_similarity", "samples", "model"} <= result.keys()
     assert result["samples"] == 9 and result["line"]["samples"] == 6 and result["block"]["samples"] == 3
+    # The micro model's card has FIM ids: the FIM tasks run beside, counted on their own.
+    assert result["fim_samples"] == 30 and result["fim_line"]["samples"] == 15 and result["fim_block"]["samples"] == 15
     assert 0.0 <= result["exact_match"] <= 1.0 and 0.0 <= result["edit_similarity"] <= 1.0
