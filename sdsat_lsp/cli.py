@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     serving = not any(a in TOOLS or a in ("-h", "--help") for a in argv)
     parser = build_parser(tools=not serving)
     args = parser.parse_args(argv)
+    args.argv = argv  # what a tool records as its command (sys.argv is not it when main() is called)
     _setup_logging(args.verbose, args.log_file)
     if args.allow_download:  # read by model.resolve_folder, here and in servers this process starts
         os.environ["SDSAT_LSP_DOWNLOAD_CAP_BYTES"] = str(int(args.max_download_gb * 2**30))

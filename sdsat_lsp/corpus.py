@@ -602,7 +602,7 @@ def main(args) -> int:
         tokenizer_bytes=int(args.tokenizer_mb * 2**20), fim_rate=args.fim_rate, spm_rate=args.spm_rate,
         fim_chars=args.fim_chars, held_fraction=args.held_fraction, held_max_share=args.held_max_share, near_threshold=args.near_threshold,
         shard_tokens=args.shard_tokens, max_train_tokens=args.max_train_tokens, slot_tokens=args.adaptive_slots,
-        command="sdsat-lsp " + " ".join(sys.argv[1:]), progress=progress, compress=args.compress,
+        command="sdsat-lsp " + " ".join(getattr(args, "argv", None) or sys.argv[1:]), progress=progress, compress=args.compress,
         vocab_sweep=[int(v) for v in args.vocab_sweep.split(",")] if args.vocab_sweep else None)
     summary = {k: manifest[k] for k in ("files", "train_files", "held_files", "file_list_hash", "held_out_packages",
                                         "exclusions", "train_tokens", "held_tokens")}

@@ -43,8 +43,10 @@ def test_eval_command_writes_json(sdsat_micro_dir, tmp_path):
     src.mkdir()
     (src / "m.py").write_text("import os\n\n" + "".join(f"def f{i}(a, b):\n    if a:\n        return a + {i}\n    return b\n\n" for i in range(30)))
     assert main(["eval", "--model", str(sdsat_micro_dir), "--quantize", "none", "--samples", "6", "--block-samples", "3",
-                 "--source", str(src), "--json", str(out)]) == 0
+                 "--fim-samples", "4", "--source", str(src), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert {"exact_match", "edit_similarity", "samples", "model"} <= result.keys()
     assert result["samples"] == 9 and result["line"]["samples"] == 6 and result["block"]["samples"] == 3
+    # The micro model's card has FIM ids: the FIM tasks run beside, counted on their own.
+    assert result["fim_samples"] == 4 and result["fim_line"]["samples"] == 2 and result["fim_block"]["samples"] == 2
     assert 0.0 <= result["exact_match"] <= 1.0 and 0.0 <= result["edit_similarity"] <= 1.0

@@ -236,7 +236,8 @@ def run_eval(loaded, samples: list[Sample], k: int, adaptive_ids: list[int], max
             "samples": len(scores),
         }
     result.update(exact_match=result["line"]["exact_match"], edit_similarity=result["line"]["edit_similarity"],
-                  samples=len(samples), wall_s=round(time.perf_counter() - started, 2), examples=examples)
+                  samples=sum(1 for s in samples if not s.task.startswith("fim_")),  # line + block, as before FIM
+                  fim_samples=sum(1 for s in samples if s.task.startswith("fim_")), wall_s=round(time.perf_counter() - started, 2), examples=examples)
     return result
 
 
