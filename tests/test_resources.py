@@ -226,3 +226,29 @@ async def test_draft_store_settings_are_bounded_cancellable_and_evicted(tiny_mod
         assert len(names) == 2 and "old0.npz" in names and not any(".tmp" in n for n in names)
     finally:
         await session.stop()
+
+
+# ---- a 50 MB document -------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_edits_in_a_50_mb_document_do_not_hold_the_server(tiny_model_dir):
+    """Issue 17: each keystroke in a 50 MB document held the event loop about a second (100 edits:
+    minutes), so nothing else was answered meanwhile. 100 edits, then a stats request: answered
+    within 10 s (100 ms an edit, generously). That the edits are right, test_document.py checks."""
+    session = await Session.start({"model": str(tiny_model_dir), **BASE_OPTIONS}, capabilities())
+    uri = "file:///big50.py"
+    try:
+        lines = ["def f(x):\r\n", "    return x + 1  # é 😋\n", "\x0cclass C:\n", "    pass\r"]
+        count = 50_000_000 // sum(map(len, lines))
+        session.open(uri, "".join(lines) * count)
+        await asyncio.wait_for(session.stats(), 120)  # the open is in
+        began = time.perf_counter()
+        for i in range(100):
+            line = 4 * ((i * 7919) % (count - 1)) + 1  # a "    return" line
+            session.change(uri, (line, 4), (line, 10), "yield")
+        stats = await asyncio.wait_for(session.stats(), 60)
+        assert time.perf_counter() - began < 10
+        assert stats["documents"]["open"] == 1
+    finally:
+        await session.stop()
