@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import sysconfig
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,58 @@ def python_files(source: str | Path | None = None, max_bytes: int = 400_000) -> 
     if not files:
         raise SdsatError(f"no Python files found under {root}")
     return files
+
+
+class Cancelled(SdsatError):
+    """A walk or a tokenization stopped because its result is no longer wanted."""
+
+
+def bounded_python_files(root: Path, max_files: int, max_bytes: int, max_entries: int,
+                         cancel: Callable[[], bool] | None = None, max_file_bytes: int = 400_000) -> list[Path]:
+    """`python_files(root)` (the same files, in the same order) for a folder a client named: the walk
+    stops with an SdsatError, saying which limit, past `max_entries` directory entries looked at,
+    `max_files` files kept or `max_bytes` of them; `cancel()` true stops it with `Cancelled`. Links to
+    folders are not followed (as rglob does not)."""
+    files: list[Path] = []
+    total = entries = 0
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                listing = list(it)
+        except OSError:
+            continue  # unreadable: skipped, as rglob skips it
+        for entry in listing:
+            entries += 1
+            if entries % 1000 == 0 and cancel is not None and cancel():
+                raise Cancelled(f"listing {root} cancelled")
+            if entries > max_entries:
+                raise SdsatError(f"{root} holds more than {max_entries:,} files and folders; "
+                                 "give a smaller folder (a project's source, not a home or a disk)")
+            if entry.name in _SKIPPED_PARTS:
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                    continue
+                if not entry.name.endswith(".py") or not entry.is_file():
+                    continue
+                size = entry.stat().st_size
+            except OSError:
+                continue
+            if size > max_file_bytes or size < 200:
+                continue
+            files.append(Path(entry.path))
+            total += size
+            if len(files) > max_files:
+                raise SdsatError(f"{root} holds more than {max_files:,} Python files; give a smaller folder")
+            if total > max_bytes:
+                raise SdsatError(f"the Python files under {root} exceed {max_bytes / 2**20:g} MiB; "
+                                 "give a smaller folder")
+    if not files:
+        raise SdsatError(f"no Python files found under {root}")
+    return sorted(files)
 
 
 def is_held_out(path: Path, root: Path | None = None, fraction: float = 0.05) -> bool:
@@ -120,10 +174,16 @@ def cut_prompts(
     return prompts
 
 
-def token_stream(tokenizer, files: list[Path]) -> list[int]:
-    """The files' token ids, one after another, each followed by EOS (a document boundary)."""
+def token_stream(tokenizer, files: list[Path], cancel: Callable[[], bool] | None = None) -> list[int]:
+    """The files' token ids, one after another, each followed by EOS (a document boundary);
+    `cancel()` true stops it between files with `Cancelled`."""
+    from . import faults
+
     stream: list[int] = []
     for path in files:
+        if cancel is not None and cancel():
+            raise Cancelled("tokenizing cancelled")
+        faults.before_file()
         text = read_text(path)
         if text:
             stream += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]

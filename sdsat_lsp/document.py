@@ -191,6 +191,10 @@ class Document(TextDocument):
         """Characters (code points) in the document, without joining its text."""
         return self._text.length
 
+    def __bool__(self) -> bool:
+        # An empty document is still a document: pygls' `get_text_document` tests it with `or`.
+        return True
+
     def line_index(self) -> LineIndex:
         return self._text.lines
 

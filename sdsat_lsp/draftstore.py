@@ -283,14 +283,56 @@ def store_choice(setting: str, card) -> str | None:
     return None if choice in (None, "", "off", "none") else choice
 
 
+# Limits on a folder a client names as its draft store (`draftStore`): the server walks and tokenizes
+# it beside the worker, holds its tokens in memory and caches them on disk. The standard library
+# (1,302 files, 26 MiB) builds in about half a minute on 2 cores into a 7.2M-token store of about
+# 145 MB in memory (20 bytes a token: ids, order, sorted keys); these allow a project several times its size and refuse a disk or a home folder
+# (`draftStore: "/"` walked 29,463 files and grew to 2.2 GiB before anyone stopped it).
+MAX_FOLDER_FILES = 10_000  # Python files kept (about 8x the standard library's)
+MAX_FOLDER_BYTES = 64 * 2**20  # their bytes: about 2.5x the standard library, ~18M tokens, ~360 MB of store
+MAX_FOLDER_ENTRIES = 200_000  # files and folders looked at, .py or not: a walk of a few seconds
+# Folders that are never a project: whole disks, homes and the trees the system itself lives in.
+_SYSTEM_TREES = {"bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "libx32", "opt", "proc", "run", "sbin",
+                 "snap", "srv", "sys", "usr", "var", "System", "Library", "Applications", "Volumes", "private",
+                 "Windows", "Program Files", "Program Files (x86)", "ProgramData"}
+# Cached stores (~/.cache/sdsat-lsp/draftstores) kept: the newest this many, within this many bytes
+# (the standard library's store is 58 MB on disk, a project's often a few KB). A store is "newer"
+# when last built or loaded, so the one in use is never the first to go.
+MAX_CACHED_STORES = 16
+MAX_CACHE_BYTES = 1 << 30
+# A half-written store left by a killed build (its name ends in .tmp<pid>.npz) older than this is removed.
+STALE_TMP_S = 3600
+
+
+def refused_folder(folder: Path) -> str | None:
+    """Why `folder` (resolved) may not be a draft store, or None: a filesystem root, the home
+    folder or one above it, or a system tree."""
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, OSError):  # no home folder to protect
+        home = Path(folder.anchor)
+    if folder == Path(folder.anchor) or folder.parent == folder:
+        return "it is the root of a disk"
+    if folder == home or folder in home.parents:
+        return "it is the home folder or holds it"
+    if folder.parent == Path(folder.anchor) and folder.name in _SYSTEM_TREES:
+        return "it is a system folder"
+    return None
+
+
 def open_store(choice: str, tokenizer, vocab_size: int, progress: Callable[[str], None] | None = None,
-               model_dir: str | Path | None = None) -> DraftStore | TieredStore:
+               model_dir: str | Path | None = None, cancel: Callable[[], bool] | None = None) -> DraftStore | TieredStore:
     """The store `choice` names: "stdlib" (the standard library's training files) or a folder;
-    preceded by the model's own continuations when `model_dir` holds them."""
+    preceded by the model's own continuations when `model_dir` holds them. `cancel()` true stops a
+    build (between files) with corpus.Cancelled."""
+    from .corpus import Cancelled
+
+    if cancel is not None and cancel():
+        raise Cancelled(f"draft store {choice} cancelled before it started")
     if choice == "stdlib":
-        store = stdlib_store(tokenizer, vocab_size, progress)
+        store = stdlib_store(tokenizer, vocab_size, progress, cancel)
     elif Path(choice).is_dir():
-        store = folder_store(choice, tokenizer, vocab_size, progress)
+        store = folder_store(choice, tokenizer, vocab_size, progress, cancel)
     else:
         raise SdsatError(f"draft store {choice!r}: give stdlib or a folder of Python files (no such folder)")
     store.source = choice
@@ -305,25 +347,35 @@ def open_store(choice: str, tokenizer, vocab_size: int, progress: Callable[[str]
                        weights=(OWN_DRAFTS_WEIGHT, 1.0))
 
 
-def stdlib_store(tokenizer, vocab_size: int, progress: Callable[[str], None] | None = None) -> DraftStore:
+def stdlib_store(tokenizer, vocab_size: int, progress: Callable[[str], None] | None = None,
+                 cancel: Callable[[], bool] | None = None) -> DraftStore:
     """The store of the standard library's training files (the held-out ones never enter it)."""
     from .corpus import split_files
 
     root, train, _held_out = split_files()
-    return _cached_store(root, train, tokenizer, vocab_size, progress)
+    return _cached_store(root, train, tokenizer, vocab_size, progress, cancel)
 
 
 def folder_store(folder: str | Path, tokenizer, vocab_size: int,
-                 progress: Callable[[str], None] | None = None) -> DraftStore:
-    """The store of every Python file under `folder`."""
-    from .corpus import python_files
+                 progress: Callable[[str], None] | None = None, cancel: Callable[[], bool] | None = None) -> DraftStore:
+    """The store of every Python file under `folder`, within the MAX_FOLDER_* limits."""
+    from .corpus import Cancelled, bounded_python_files
 
     root = Path(folder).resolve()
-    return _cached_store(root, python_files(root), tokenizer, vocab_size, progress)
+    why = refused_folder(root)
+    if why is not None:
+        raise SdsatError(f"draft store {folder}: refused, {why}; give a project's folder of Python files")
+    try:
+        files = bounded_python_files(root, MAX_FOLDER_FILES, MAX_FOLDER_BYTES, MAX_FOLDER_ENTRIES, cancel)
+    except Cancelled:
+        raise
+    except SdsatError as e:
+        raise SdsatError(f"draft store: {e}") from e
+    return _cached_store(root, files, tokenizer, vocab_size, progress, cancel)
 
 
 def _cached_store(root: Path, files: list[Path], tokenizer, vocab_size: int,
-                  progress: Callable[[str], None] | None) -> DraftStore:
+                  progress: Callable[[str], None] | None, cancel: Callable[[], bool] | None = None) -> DraftStore:
     """Built once (the standard library, 7M tokens: about half a minute on 2 cores, mostly
     tokenizing) and cached under the user's cache folder, keyed by tokenizer and file list. An
     edited file keeps its old tokens until the list changes: drafts stay proposals, so a stale
@@ -333,11 +385,54 @@ def _cached_store(root: Path, files: list[Path], tokenizer, vocab_size: int,
     path = store_path(tokenizer_fingerprint(tokenizer), f"{root}:{file_list_hash(files, root)}")
     if path.is_file():
         try:
-            return DraftStore.load(path)
+            store = DraftStore.load(path)
+            _touch(path)  # recently used: the last to be evicted
+            return store
         except SdsatError as e:
             log.warning("%s; building it again", e)
     if progress:
         progress(f"building the draft store from {len(files)} Python files under {root} (once; cached in {path.parent})")
-    store = DraftStore.build(token_stream(tokenizer, files), vocab_size)
+    store = DraftStore.build(token_stream(tokenizer, files, cancel), vocab_size)
     store.save(path)
+    evict_cached_stores(path.parent, keep=path)
     return store
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def evict_cached_stores(folder: Path, keep: Path | None = None) -> list[Path]:
+    """Remove cached stores beyond the newest MAX_CACHED_STORES or MAX_CACHE_BYTES (never `keep`,
+    the one just built), and half-written ones older than STALE_TMP_S; the paths removed. Another
+    server that was about to load a removed store builds it again."""
+    import time
+
+    removed = []
+    stores = []
+    for path in folder.glob("*.npz"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        if ".tmp" in path.name:
+            if time.time() - stat.st_mtime > STALE_TMP_S:
+                removed.append(path)
+            continue
+        stores.append((path != keep, -stat.st_mtime, stat.st_size, path))
+    stores.sort()  # `keep` first, then newest first
+    total = 0
+    for rank, (_, _, size, path) in enumerate(stores):
+        total += size
+        if path != keep and (rank >= MAX_CACHED_STORES or total > MAX_CACHE_BYTES):
+            removed.append(path)
+    for path in removed:
+        try:
+            path.unlink()
+            log.info("evicted the cached draft store %s", path)
+        except OSError:
+            pass
+    return removed

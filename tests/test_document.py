@@ -171,3 +171,19 @@ def test_edits_in_a_50_mb_document_cost_the_edit():
         spent.append(time.perf_counter() - began)
     assert sum(spent) / len(spent) < 0.1, f"mean {sum(spent) / len(spent) * 1e3:.0f} ms per edit"
     assert np.array_equal(doc.line_index().starts, LineIndex(doc.source).starts)
+
+
+def test_an_empty_document_is_not_read_from_disk(tmp_path):
+    """pygls' `source` reads the file when a document has no text, and its workspace's
+    `get_text_document` replaces a falsy document with one read from disk."""
+    from pygls.workspace import PositionCodec
+
+    from sdsat_lsp.document import DocumentWorkspace
+
+    path = tmp_path / "on_disk.py"
+    path.write_text("secret = 1\n")
+    doc = Document(path.as_uri(), source=None, version=1, position_codec=PositionCodec("utf-16"))
+    assert doc.source == "" and len(doc) == 0 and doc
+    workspace = DocumentWorkspace(tmp_path.as_uri(), types.TextDocumentSyncKind.Incremental)
+    workspace.put_text_document(types.TextDocumentItem(uri=path.as_uri(), language_id="python", version=1, text=""))
+    assert workspace.get_text_document(path.as_uri()).source == ""

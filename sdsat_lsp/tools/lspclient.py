@@ -71,6 +71,7 @@ class Tally:
     max_kv: int = 0
     kv_over_budget: int = 0
     kv_samples: int = 0
+    max_poll_ms: float = 0.0  # the longest round trip of a stats poll (answered on the event loop)
     completion_ms: list = field(default_factory=list)
     with_items: int = 0
     error_samples: dict = field(default_factory=dict)  # code -> {request kind: a message}
@@ -238,6 +239,7 @@ class Connection:
             used = int(cache.get("bytes") or 0)
             self.tally.max_kv = max(self.tally.max_kv, used)
             self.tally.kv_samples += 1
+            self.tally.max_poll_ms = max(self.tally.max_poll_ms, (time.perf_counter() - sent) * 1e3)
             if used > self.kv_budget:
                 self.tally.kv_over_budget += 1
         elif kind.startswith("complete"):

@@ -26,7 +26,11 @@ bytes (`sdsat/stats`) are sampled. After the storm, greedy completions for a fix
 same prompts by the same model in this process (`identical_after`).
 
 JSON: requests, answered, unanswered, crashes, errors_by_code, malformed_frames, max_rss_mb,
-kv_budget_mb, max_kv_mb, identical_after, seconds, and details (see `run_stress`).
+kv_budget_mb, max_kv_mb, max_request_ms, max_event_loop_block_ms, identical_after, seconds, and
+details (see `run_stress`). `max_event_loop_block_ms` is the server's own figure (`sdsat/stats`
+eventLoop.maxBlockMs: how late a 50 ms tick on its event loop ever ran); `max_stats_poll_ms`, the
+longest round trip of the monitor's `sdsat/stats` polls (answered on the event loop without the
+model), bounds it from the client's side (it includes the pipe and the messages queued ahead).
 """
 
 from __future__ import annotations
@@ -758,6 +762,7 @@ class Run:
             "max_kv_mb": round(t.max_kv / 2**20, 3),
             "kv_over_budget": t.kv_over_budget,
             "kv_samples": t.kv_samples,
+            "max_stats_poll_ms": round(t.max_poll_ms, 1),
             **identical,
             "seconds": round(time.perf_counter() - self.started, 1),
             "load_s": round(load_s, 1),
