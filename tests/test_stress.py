@@ -15,7 +15,7 @@ def test_stress_1000_requests_nothing_lost(tiny_model_dir, tmp_path):
     result = json.loads(out.read_text())
     assert result["unanswered"] == 0 and result["crashes"] == 0 and result["hangs"] == 0, result["crash_details"]
     assert result["max_kv_mb"] <= result["kv_budget_mb"] and result["kv_samples"] > 0
-    assert 0 < result["max_event_loop_block_ms"]  # reported (its bound is a figure for quiet machines)
+    assert result["max_stats_poll_ms"] > 0  # reported (its bound is a figure for quiet machines)
     assert result["identical_after"] is True, result.get("identical_mismatches")
     assert result["requests"] >= 1000 and result["answered"] == result["requests"]
     # The storm did send the hostile part, and the server told the client what was wrong.
