@@ -27,27 +27,37 @@ class RawServer:
         self.inbox: queue.Queue = queue.Queue()
         self.seen: list[dict] = []
         self.stderr = bytearray()
-        threading.Thread(target=self._read, daemon=True).start()
+        self.stopping = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
 
     def _read(self) -> None:
-        try:
-            self._read_frames(self.proc.stdout)
-        except (OSError, ValueError):  # the test closed the pipe
-            pass
+        """Frames from stdout, read with select so that `stop_reading` can close the pipe (a thread
+        blocked in a read would keep it open, and closing a file another thread reads blocks)."""
+        import select
 
-    def _read_frames(self, out) -> None:
-        while True:
-            length = None
-            while True:
-                line = out.readline()
-                if not line:
-                    return
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-                if line in (b"\r\n", b"\n") and length is not None:
+        fd, data = self.proc.stdout.fileno(), b""
+        while not self.stopping.is_set():
+            if not select.select([fd], [], [], 0.1)[0]:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return
+            data += chunk
+            while (end := data.find(b"\r\n\r\n")) >= 0:
+                length = int(next(line.split(b":")[1] for line in data[:end].split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                if len(data) < end + 4 + length:
                     break
-            self.inbox.put(json.loads(out.read(length)))
+                self.inbox.put(json.loads(data[end + 4:end + 4 + length]))
+                data = data[end + 4 + length:]
+
+    def stop_reading(self) -> None:
+        """The client stops reading and closes its end, as a closing editor does."""
+        self.stopping.set()
+        self.reader.join()
+        self.proc.stdout.close()
 
     def _read_stderr(self) -> None:
         for chunk in iter(lambda: self.proc.stderr.read(4096), b""):
@@ -247,7 +257,7 @@ def test_exit_mid_request_leaves_at_once_and_quietly(tiny_model_dir):
                                                        "position": {"line": 40, "character": 0},
                                                        "context": {"triggerKind": 2}})
         time.sleep(0.3)
-        s.proc.stdout.close()  # the client stops reading too, as a closing editor does
+        s.stop_reading()
         started = time.monotonic()
         s.notify("exit")
         code = s.proc.wait(timeout=30)
