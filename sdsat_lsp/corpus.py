@@ -454,7 +454,7 @@ def build_corpus(out: Path, *, stdlib: Path | None, site: Path | None, seed: int
     if not held_files or not train_files:
         raise SdsatError("the corpus is too small to hold out a whole package: add packages")
 
-    from .tinymodel import ADAPTIVE_TOKEN, FIM_TOKENS, slot_token_names, train_tokenizer
+    from .training.tinymodel import ADAPTIVE_TOKEN, FIM_TOKENS, slot_token_names, train_tokenizer
 
     # A fixed sample of the training split (every n-th file), not all of it: BPE merges settle
     # long before 200 MB, and training on it all would take most of the command's time.

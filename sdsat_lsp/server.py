@@ -70,8 +70,8 @@ CONFIG_SECTION = "sdsat"  # the settings section pulled with workspace/configura
 CONFIG_PULL_TIMEOUT_S = 2.0
 LOOP_TICK_S = 0.05
 CLIENT_REQUEST_TIMEOUT_S = 2.0  # any other request to the client (progress creation): never wait longer
-MAX_PROBLEMS_SHOWN = 5
-MAX_POPUP_CHARS = 600
+MAX_PROBLEMS_SHOWN = 10
+MAX_POPUP_CHARS = 900
 
 
 class SdsatServer(LanguageServer):
