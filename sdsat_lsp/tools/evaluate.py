@@ -64,19 +64,18 @@ def block_after(lines: list[str], opener: int, max_lines: int = 8) -> list[str]:
     return block
 
 
-def cut_samples(n_line: int, n_block: int, source=None, seed: int = 0, max_chars: int = 1500) -> list[Sample]:
-    """Seeded samples from held-out files (or every file under `source`)."""
+def _seeded_files(source, rng: random.Random, wanted: dict[str, int], what: str):
+    """(path, text, lines, line start offsets) of seeded picks among the held-out files (or every
+    file under `source`), until the caller has counted `wanted` down to zero."""
     from ..corpus import python_files, read_text, split_files
 
     files = python_files(source) if source else split_files()[2]
-    rng = random.Random(seed)
-    samples: list[Sample] = []
-    wanted = {"line": n_line, "block": n_block}
+    limit = 100 * sum(wanted.values()) + 100
     attempts = 0
     while any(wanted.values()):
         attempts += 1
-        if attempts > 100 * (n_line + n_block) + 100:
-            raise SdsatError("could not cut enough evaluation samples from the files")
+        if attempts > limit:
+            raise SdsatError(f"could not cut enough {what} from the files")
         path = rng.choice(files)
         text = read_text(path)
         if not text:
@@ -85,6 +84,15 @@ def cut_samples(n_line: int, n_block: int, source=None, seed: int = 0, max_chars
         offsets = [0]
         for line in lines:
             offsets.append(offsets[-1] + len(line) + 1)
+        yield path, text, lines, offsets
+
+
+def cut_samples(n_line: int, n_block: int, source=None, seed: int = 0, max_chars: int = 1500) -> list[Sample]:
+    """Seeded samples from held-out files (or every file under `source`)."""
+    rng = random.Random(seed)
+    samples: list[Sample] = []
+    wanted = {"line": n_line, "block": n_block}
+    for path, text, lines, offsets in _seeded_files(source, rng, wanted, "evaluation samples"):
         task = "line" if wanted["line"] and (not wanted["block"] or rng.random() < 0.5) else "block"
         if task == "line":
             i = rng.randrange(len(lines))
@@ -113,25 +121,10 @@ def cut_fim_samples(n_line: int, n_block: int, source=None, seed: int = 0, max_c
     """Seeded FIM samples (a seed of their own: the line and block samples stay as they were):
     `fim_line` a span of 3 or more characters from inside a line, the rest of the line and what
     follows as suffix; `fim_block` the indented block under a `:` line, what follows as suffix."""
-    from ..corpus import python_files, read_text, split_files
-
-    files = python_files(source) if source else split_files()[2]
     rng = random.Random(seed + 7919)
     samples: list[Sample] = []
     wanted = {"fim_line": n_line, "fim_block": n_block}
-    attempts = 0
-    while any(wanted.values()):
-        attempts += 1
-        if attempts > 100 * (n_line + n_block) + 100:
-            raise SdsatError("could not cut enough FIM samples from the files")
-        path = rng.choice(files)
-        text = read_text(path)
-        if not text:
-            continue
-        lines = text.split("\n")
-        offsets = [0]
-        for line in lines:
-            offsets.append(offsets[-1] + len(line) + 1)
+    for path, text, lines, offsets in _seeded_files(source, rng, wanted, "FIM samples"):
         task = "fim_line" if wanted["fim_line"] and (not wanted["fim_block"] or rng.random() < 0.5) else "fim_block"
         if task == "fim_line":
             i = rng.randrange(len(lines))
