@@ -108,42 +108,16 @@ def _pass_costs(costs) -> dict:
 def _timings(gens) -> dict:
     """Per-prompt wall ms, the prefill and decoding ms per new token (medians over prompts)."""
     return {
-        "per_prompt_ms": [round(g.stats.wall_ms if hasattr(g, "stats") else g.wall_ms, 2) for g in gens],
-        "prefill_ms": round(_median([(g.stats if hasattr(g, "stats") else g).prefill_ms for g in gens]), 2),
-        "decode_ms_per_token": round(_median([
-            (s.wall_ms - s.prefill_ms) / max(1, n - 1)
-            for s, n in ((g.stats if hasattr(g, "stats") else g, len(g.tokens)) for g in gens)]), 3),
+        "per_prompt_ms": [round(g.stats.wall_ms, 2) for g in gens],
+        "prefill_ms": round(_median([g.stats.prefill_ms for g in gens]), 2),
+        "decode_ms_per_token": round(_median([(g.stats.wall_ms - g.stats.prefill_ms) / max(1, len(g.tokens) - 1)
+                                              for g in gens]), 3),
     }
 
 
 def _peer_entries(peer, runs: dict[str, list], ar) -> dict:
     """The peer's modes with the keys of ours (those that have no meaning for it are null or 0)."""
-    out = {}
-    for mode, gens in runs.items():
-        tokens = sum(len(g.tokens) for g in gens)
-        wall_s = sum(g.wall_ms for g in gens) / 1e3
-        passes = sum(g.forward_passes for g in gens)
-        verify = sum(g.verify_passes for g in gens)
-        out[mode] = {
-            "identical": all(g.tokens == a.tokens for g, a in zip(gens, ar)),
-            "tokens": tokens,
-            "wall_s": round(wall_s, 4),
-            "tokens_per_s": round(tokens / wall_s, 2) if wall_s else 0.0,
-            "forward_passes": passes,
-            "tokens_per_pass": round(tokens / passes, 4) if passes else 0.0,
-            "mean_accepted": _ratio(sum(g.drafts_accepted for g in gens), verify),
-            "mean_accepted_adaptive": None,
-            "lookup_passes": verify,
-            "store_passes": 0,
-            "mean_accepted_store": None,
-            "tokens_fed_per_pass": _ratio(sum(g.tokens_fed for g in gens), passes),
-            "speedup": round(_median([a.stats.wall_ms / g.wall_ms for g, a in zip(gens, ar)]), 4),
-            "median_ms": round(_median([g.wall_ms for g in gens]), 2),
-            "threads": peer.threads,
-            **_timings(gens),
-            **_pass_costs([c for g in gens for c in g.pass_costs]),
-        }
-    return out
+    return {mode: {**_mode_entry(gens, ar), "threads": peer.threads} for mode, gens in runs.items()}
 
 
 def run_bench(loaded, prompts: list[list[int]], *, k: int, adaptive_ids: list[int], max_new_tokens: int,

@@ -184,6 +184,18 @@ class PeerRun:
     tokens_fed: int = 0
     pass_costs: list[tuple[int, float]] = field(default_factory=list)
 
+    @property
+    def stats(self):
+        """This run as the engine's DecodeStats (its drafts all come from prompt lookup), so that the
+        bench reads the peer's runs and ours alike."""
+        from ..engine import DecodeStats
+
+        return DecodeStats(forward_passes=self.forward_passes, tokens_fed=self.tokens_fed,
+                           drafts_accepted=self.drafts_accepted, verify_passes=self.verify_passes,
+                           lookup_passes=self.verify_passes, lookup_accepted=self.drafts_accepted,
+                           new_tokens=len(self.tokens), prefill_ms=self.prefill_ms, wall_ms=self.wall_ms,
+                           pass_costs=list(self.pass_costs))
+
 
 class LlamaCpp:
     """One llama.cpp model and context (greedy, one sequence)."""
