@@ -64,6 +64,17 @@ def block_after(lines: list[str], opener: int, max_lines: int = 8) -> list[str]:
     return block
 
 
+def _random_block(lines: list[str], offsets: list[int], rng: random.Random) -> tuple[int, list[str]]:
+    """(a seeded `:` line at least 100 characters in, the block under it); an empty block when the
+    file has no such line or the line has no block."""
+    openers = [j for j, line in enumerate(lines) if line.rstrip().endswith(":") and not line.lstrip().startswith("#")
+               and offsets[j] >= 100]
+    if not openers:
+        return -1, []
+    j = rng.choice(openers)
+    return j, block_after(lines, j)
+
+
 def _seeded_files(source, rng: random.Random, wanted: dict[str, int], what: str):
     """(path, text, lines, line start offsets) of seeded picks among the held-out files (or every
     file under `source`), until the caller has counted `wanted` down to zero."""
@@ -103,12 +114,7 @@ def cut_samples(n_line: int, n_block: int, source=None, seed: int = 0, max_chars
             cut = rng.randrange(start + 1, len(lines[i].rstrip()))
             prompt, target = text[: offsets[i] + cut], lines[i][cut:].rstrip()
         else:
-            openers = [j for j, line in enumerate(lines) if line.rstrip().endswith(":") and not line.lstrip().startswith("#")
-                       and offsets[j] >= 100]
-            if not openers:
-                continue
-            j = rng.choice(openers)
-            block = block_after(lines, j)
+            j, block = _random_block(lines, offsets, rng)
             if not block:
                 continue
             prompt, target = text[: offsets[j + 1]], "\n".join(line.rstrip() for line in block)
@@ -136,12 +142,7 @@ def cut_fim_samples(n_line: int, n_block: int, source=None, seed: int = 0, max_c
             b = rng.randrange(a + 3, len(line))
             hole_start, hole_end = offsets[i] + a, offsets[i] + b
         else:
-            openers = [j for j, line in enumerate(lines) if line.rstrip().endswith(":") and not line.lstrip().startswith("#")
-                       and offsets[j] >= 100]
-            if not openers:
-                continue
-            j = rng.choice(openers)
-            block = block_after(lines, j)
+            j, block = _random_block(lines, offsets, rng)
             if not block or j + 1 + len(block) >= len(lines):
                 continue
             hole_start, hole_end = offsets[j + 1], offsets[j + 1 + len(block)]
