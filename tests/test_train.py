@@ -182,3 +182,31 @@ def test_adaptive_rows_only_keeps_real_token_outputs_bitwise(tiny_lm):
     for (name, p), (_, q) in zip(model.named_parameters(), base.named_parameters()):
         if "embed_tokens" not in name:
             assert torch.equal(p, q), name
+
+
+def test_frozen_prefix_losses_equal_the_one_pass_losses_and_gradients(tiny_lm):
+    """The cheap path of `--peft adaptive-rows` (real tokens once without autograd, then only the
+    blocks through the cache) computes the same losses and the same gradient on the adaptive rows
+    as the one pass over [real; blocks], with slot weights and soft targets on."""
+    import copy
+
+    from sdsat_lsp.training.train import freeze_all_but_adaptive_rows, frozen_prefix_losses, sdsat_losses
+
+    base, tokenizer, adaptive_id = tiny_lm
+    model = copy.deepcopy(base).float()
+    freeze_all_but_adaptive_rows(model, [adaptive_id])
+    from sdsat_lsp.corpus import stdlib_dir
+
+    stream = tokenizer((stdlib_dir() / "textwrap.py").read_text())["input_ids"]
+    tokens = torch.tensor([stream[100:164], stream[400:464]])
+    batch = make_sdsat_batch(tokens, [adaptive_id], 4, 5, random.Random(3))
+    grads, losses = [], []
+    for fn in (sdsat_losses, frozen_prefix_losses):
+        model.zero_grad(set_to_none=True)
+        real, adaptive = fn(model, batch, slot_decay=0.8, soft_weight=0.5)
+        adaptive.backward()
+        losses.append((real.item(), adaptive.item()))
+        grads.append(model.get_input_embeddings().weight.grad[adaptive_id].clone())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)

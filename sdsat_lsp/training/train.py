@@ -175,20 +175,49 @@ def sdsat_losses(model, batch: SdsatBatch, slot_decay: float = 1.0, soft_weight:
         use_cache=False,
     )
     logits = out.logits.float()
-    labels = batch.labels.to(device)
     T = batch.real_len
-    real = F.cross_entropy(logits[:, :T].reshape(-1, logits.shape[-1]), labels[:, :T].reshape(-1), ignore_index=IGNORE)
+    real = _real_loss(logits[:, :T], batch.labels[:, :T].to(device))
     if plain:
         return real, torch.zeros((), device=device)
-    V = logits.shape[-1]
+    return real, _adaptive_loss(logits[:, T:], logits[:, :T].detach(), batch, slot_decay, soft_weight, block_teacher)
+
+
+def frozen_prefix_losses(model, batch: SdsatBatch, slot_decay: float = 1.0, soft_weight: float = 0.0,
+                         block_teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sdsat_losses` for a model whose only trainable weights are the adaptive rows (`--peft
+    adaptive-rows`). No gradient can reach a real token then, but autograd works on whole tensors:
+    in one pass over [real; blocks] the backward would cost the whole row. So the real tokens run
+    once without autograd into a KV cache, and only the blocks run with it (their mask rows over
+    the same columns): the backward costs blocks x L tokens instead of T + blocks x L."""
+    from transformers import DynamicCache
+
+    device = model.get_input_embeddings().weight.device
+    T = batch.real_len
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        real_logits = model(input_ids=batch.input_ids[:, :T].to(device), cache=cache, use_cache=True).logits.float()
+    real = _real_loss(real_logits, batch.labels[:, :T].to(device))
+    out = model(input_ids=batch.input_ids[:, T:].to(device), position_ids=batch.position_ids[:, T:].to(device),
+                attention_mask=batch.attention_mask[:, :, T:].to(device), cache=cache, use_cache=True)
+    return real, _adaptive_loss(out.logits.float(), real_logits, batch, slot_decay, soft_weight, block_teacher)
+
+
+def _real_loss(real_logits: torch.Tensor, real_labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(real_logits.reshape(-1, real_logits.shape[-1]), real_labels.reshape(-1), ignore_index=IGNORE)
+
+
+def _adaptive_loss(block_logits: torch.Tensor, real_logits: torch.Tensor, batch: SdsatBatch, slot_decay: float,
+                   soft_weight: float, block_teacher: torch.Tensor | None) -> torch.Tensor:
+    """The blocks' loss from their logits (B, blocks x L, V); `real_logits` (detached) are the
+    soft targets when no `block_teacher` is given."""
+    device, V, T = block_logits.device, block_logits.shape[-1], batch.real_len
+    ada_labels = batch.labels[:, T:].to(device)
     if slot_decay == 1.0 and not soft_weight:
-        adaptive = F.cross_entropy(logits[:, T:].reshape(-1, V), labels[:, T:].reshape(-1), ignore_index=IGNORE)
-        return real, adaptive
-    ada_labels = labels[:, T:]
+        return F.cross_entropy(block_logits.reshape(-1, V), ada_labels.reshape(-1), ignore_index=IGNORE)
     valid = ada_labels != IGNORE
     slot = batch.slot[:, T:].to(device)
     weight = (slot_decay ** slot.clamp(min=0).float()) * valid
-    ce = F.cross_entropy(logits[:, T:].reshape(-1, V), ada_labels.reshape(-1), ignore_index=IGNORE,
+    ce = F.cross_entropy(block_logits.reshape(-1, V), ada_labels.reshape(-1), ignore_index=IGNORE,
                          reduction="none").reshape(ada_labels.shape)
     adaptive = (ce * weight).sum() / weight.sum().clamp(min=1e-6)
     if soft_weight:
@@ -196,12 +225,12 @@ def sdsat_losses(model, batch: SdsatBatch, slot_decay: float = 1.0, soft_weight:
             teacher = block_teacher.to(device).reshape(ada_labels.shape[0], -1, V)  # slot order = block order
         else:
             pos = batch.teacher_pos[:, T:].to(device).clamp(min=0)
-            teacher = logits.detach()[torch.arange(pos.shape[0], device=device)[:, None], pos]
-        log_q = F.log_softmax(logits[:, T:], dim=-1)
+            teacher = real_logits[torch.arange(pos.shape[0], device=device)[:, None], pos]
+        log_q = F.log_softmax(block_logits, dim=-1)
         log_p = F.log_softmax(teacher, dim=-1)
         kl = (log_p.exp() * (log_p - log_q)).sum(-1)
         adaptive = adaptive + soft_weight * (kl * weight).sum() / weight.sum().clamp(min=1e-6)
-    return real, adaptive
+    return adaptive
 
 
 def token_chunks(token_stream: list[int], length: int, rng: random.Random, count: int) -> torch.Tensor:
@@ -213,10 +242,11 @@ def token_chunks(token_stream: list[int], length: int, rng: random.Random, count
 def train_step(model, opt, sched, params, tokens: torch.Tensor, adaptive_ids: list[int], max_block: int,
                blocks_per_row: int, adaptive_weight: float, rng: random.Random,
                targets: str = "data", slot_decay: float = 1.0, soft_weight: float = 0.0,
-               real_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+               real_weight: float = 1.0, frozen_prefix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on SDSAT blocks added to `tokens` (B, T); returns the two losses.
     `targets`: what a block learns to predict, "data" (the file's next tokens) or "greedy".
-    `real_weight` 0 trains the drafts alone (the real-token loss is still computed and returned)."""
+    `real_weight` 0 trains the drafts alone (the real-token loss is still computed and returned).
+    `frozen_prefix`: only adaptive rows train (`frozen_prefix_losses`, the same losses, cheaper)."""
     anchors = sample_anchors(tokens.shape[0], tokens.shape[1], blocks_per_row, rng)
     block_targets = teacher = None
     if targets == "greedy" and blocks_per_row:
@@ -225,7 +255,8 @@ def train_step(model, opt, sched, params, tokens: torch.Tensor, adaptive_ids: li
             block_targets, teacher = block_targets
     batch = make_sdsat_batch(tokens, adaptive_ids, max_block, blocks_per_row, rng, anchors=anchors,
                              block_targets=block_targets)
-    real, adaptive = sdsat_losses(model, batch, slot_decay, soft_weight, teacher)
+    losses = frozen_prefix_losses if frozen_prefix and blocks_per_row else sdsat_losses
+    real, adaptive = losses(model, batch, slot_decay, soft_weight, teacher)
     opt.zero_grad(set_to_none=True)
     (real_weight * real + adaptive_weight * adaptive).backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -653,7 +684,8 @@ class _Run:
             tokens = token_chunks(stream, args.seq_len, self.rng, args.batch_size)
             real, adaptive = train_step(model, self.opt, self.sched, self.params, tokens, self.adaptive_ids, args.max_block,
                                         args.blocks_per_row, args.adaptive_weight, self.rng, args.targets,
-                                        args.slot_decay, args.soft_weight, args.real_weight)
+                                        args.slot_decay, args.soft_weight, args.real_weight,
+                                        frozen_prefix=self.peft_mode == "adaptive-rows")
             step += 1
             bar.update(1)
             tokens_seen += tokens.numel()
