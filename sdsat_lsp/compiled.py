@@ -379,17 +379,23 @@ def attached(model) -> CompiledForward | None:
 def compile_beside(model, wanted: bool, report) -> dict:
     """Detach any compiled forward from `model`, then (when `wanted` and supported) compile a new
     one in the background; returns the state now ({"state": off | unsupported | compiling}) and
-    later calls `report(info, message)` from the compiling thread with the final state."""
+    later calls `report(info, message)` from the compiling thread with the final state. A later
+    call supersedes an earlier one still under way: that one neither attaches nor reports."""
+    epoch = model.__dict__.get("sdsat_compile_epoch", 0) + 1
+    model.__dict__["sdsat_compile_epoch"] = epoch
     attach(model, None)
     if not wanted:
         return {"state": "off"}
     why = supported(model)
     if why is not None:
         return {"state": "unsupported", "message": why}
-    compiled = CompiledForward.for_device(model)
-    attach(model, compiled)  # not ready yet: the engine passes it by
 
-    def finished(error: str | None) -> None:
+    def current() -> bool:
+        return model.__dict__.get("sdsat_compile_epoch") == epoch
+
+    def finished(compiled: CompiledForward, error: str | None) -> None:
+        if not current():
+            return
         if error is None:
             report({"state": "ready", "seconds": round(compiled.compile_s, 1)},
                    f"compiled forward ready ({compiled.compile_s:.1f} s)")
@@ -397,5 +403,20 @@ def compile_beside(model, wanted: bool, report) -> dict:
             attach(model, None)
             report({"state": "error", "message": error}, f"compiled forward unavailable, staying eager: {error}")
 
-    compiled.start_background(finished)
+    def build() -> None:
+        # Building the step allocates its static buffers, seconds on a busy CPU: on this thread,
+        # never the caller's (the server calls from its event loop).
+        try:
+            compiled = CompiledForward.for_device(model)
+        except Exception as exc:
+            log.warning("compiled forward unavailable, staying eager: %s: %s", type(exc).__name__, exc)
+            if current():
+                report({"state": "error", "message": f"{type(exc).__name__}: {exc}"},
+                       f"compiled forward unavailable, staying eager: {type(exc).__name__}: {exc}")
+            return
+        if current():
+            attach(model, compiled)  # not ready yet: the engine passes it by
+            compiled.start_background(lambda error: finished(compiled, error))
+
+    threading.Thread(target=build, name="sdsat-compile-build", daemon=True).start()
     return {"state": "compiling"}

@@ -182,6 +182,42 @@ def test_background_compile_switches_over(sdsat_micro, code_prompts, detach_afte
     assert errors == ["RuntimeError: no compiler"] and not broken.ready
 
 
+def _join_compile_threads():
+    import threading
+
+    # A build thread starts the warm-up thread: join until none is left, not one snapshot's worth.
+    while threads := [t for t in threading.enumerate() if t.name.startswith("sdsat-compile")]:
+        threads[0].join(60)
+
+
+def test_compile_beside_builds_off_the_callers_thread_and_a_later_call_supersedes(tiny_lm, monkeypatch):
+    """The server calls compile_beside from its event loop: building the step (seconds: static
+    buffers) happens on a thread of its own; a call made while an earlier build is under way
+    (the setting turned off, another model) wins: the earlier build neither attaches nor reports."""
+    import threading
+
+    model = copy.deepcopy(tiny_lm[0])  # the shared fixture's model stays unattached
+    callers, release = [], threading.Event()
+
+    def for_device(m, compile=True):
+        callers.append(threading.current_thread().name)
+        release.wait(30)
+        return CompiledForward(m, compile=False)
+
+    monkeypatch.setattr(CompiledForward, "for_device", classmethod(lambda cls, m, compile=True: for_device(m)))
+    reports = []
+    assert compiled_mod.compile_beside(model, True, lambda info, message: reports.append(info)) == {"state": "compiling"}
+    assert compiled_mod.compile_beside(model, False, lambda info, message: reports.append(info)) == {"state": "off"}
+    release.set()
+    _join_compile_threads()
+    assert callers == ["sdsat-compile-build"]
+    assert reports == [] and compiled_mod.attached(model) is None
+
+    assert compiled_mod.compile_beside(model, True, lambda info, message: reports.append(info)) == {"state": "compiling"}
+    _join_compile_threads()
+    assert [r["state"] for r in reports] == ["ready"] and compiled_mod.attached(model).ready
+
+
 def test_logits_through_the_step(tiny_lm, code_prompts, detach_after):
     """`forward` (the prefill's entry) gives the same logits through the step."""
     model = tiny_lm[0]
