@@ -127,10 +127,9 @@ class SdsatServer(LanguageServer):
             before = loop.time()
             await asyncio.sleep(LOOP_TICK_S)
             late_ms = (loop.time() - before - LOOP_TICK_S) * 1e3
-            if late_ms > self.loop_block_ms:
-                self.loop_block_ms = late_ms
-                if late_ms > 100:
-                    log.warning("the event loop was blocked for %.0f ms", late_ms)
+            self.loop_block_ms = max(self.loop_block_ms, late_ms)
+            if late_ms > 100:  # PYTHONASYNCIODEBUG=1 names the callback that took the time
+                log.warning("the event loop was blocked for %.0f ms", late_ms)
 
     # -- settings ---------------------------------------------------------------------------------
 
@@ -198,7 +197,7 @@ class SdsatServer(LanguageServer):
     async def _load(self) -> None:
         settings = self.settings
         what = settings.model or "the default model"
-        self.loaded, self.kv = None, None
+        self.retire_model()
         self.drafts.reset()
         self.set_state("loading", f"loading {what}")
         self.log_to_client(f"sdsat-lsp: loading {what} (torch and transformers import first)")
@@ -246,6 +245,16 @@ class SdsatServer(LanguageServer):
         self.set_state("ready", message)
         self.start_draft_store()
         self.start_compile()
+
+    def retire_model(self) -> None:
+        """Drop the model and its caches. Freeing them takes most of a second on a busy CPU:
+        the last references go on the worker (after the job under way), not on the event loop."""
+        retired = [self.loaded, self.kv]
+        self.loaded, self.kv = None, None
+        try:
+            self.worker.submit(retired.clear)
+        except RuntimeError:  # shut down
+            pass
 
     def start_compile(self) -> None:
         """Compile the forward pass beside the worker (compiled.py); the engine decodes eagerly until
@@ -330,6 +339,11 @@ class SdsatServer(LanguageServer):
         loaded, kv, s = self.loaded, self.kv, job.settings
         if job.cancel.is_set() or loaded is None or kv is None:
             stats["finishReason"] = "cancelled" if job.cancel.is_set() else "not-ready"
+            return None
+        if s.deadline_ms and time.perf_counter() > job.created + s.deadline_ms / 1e3:
+            # It waited in the queue past its deadline (a loaded machine, a burst over many
+            # documents): even one pass would only make the answer later, and every job behind it too.
+            stats.update(finishReason="deadline", forwardPasses=0)
             return None
         result = complete(loaded, s, job.text, job.offset, keep=job.doc.window_head, kv=kv, uri=job.uri,
                           draft_store=self.drafts.store, cancel=job.cancel.is_set,

@@ -301,3 +301,36 @@ def test_a_completion_ends_at_its_deadline_and_other_documents_are_served(tiny_m
         assert both < 2 * (500 + 1500), both
     finally:
         s.close()
+
+
+def test_a_request_that_waited_past_its_deadline_is_answered_without_a_pass(tiny_model_dir):
+    """Requests queue on the one worker. One that reaches it after its deadline (counted from its
+    arrival) is answered at once, empty, with no forward pass: a pass would only make it, and
+    every request behind it, later (a burst over many documents on a loaded machine answered
+    completions 8 s late with a 2 s deadline)."""
+    s = RawServer()
+    options = {"model": str(tiny_model_dir), "quantize": "none", "threads": 1, "k": 64, "draftLength": "fixed",
+               "maxTokens": 4096, "timeBudgetMs": 0, "deadlineMs": 300, "lineMode": "multi"}
+    try:
+        s.initialize(options)
+        s.wait_for(lambda m: m.get("method") == "sdsat/status" and m["params"]["state"] == "ready", timeout=180)
+        names = ("slow", "queued")
+        for name in names:
+            s.notify("textDocument/didOpen", {"textDocument": {"uri": f"file:///{name}.py", "languageId": "python",
+                                                               "version": 1, "text": "import os\n" * 30}})
+        for name in names:
+            s.request(name, "textDocument/inlineCompletion", {"textDocument": {"uri": f"file:///{name}.py"},
+                                                              "position": {"line": 30, "character": 0},
+                                                              "context": {"triggerKind": 2}})
+            # The second request's deadline is far shorter than the first one's run, so it has
+            # passed when the worker gets to it, however the two arrivals are spaced.
+            s.notify("workspace/didChangeConfiguration", {"settings": {**options, "deadlineMs": 20}})
+        assert s.reply("slow", timeout=60)["result"]["items"]
+        assert s.reply("queued", timeout=60)["result"]["items"] == []
+        s.request("stats", "sdsat/stats", {"last": 2})
+        slow, queued = s.reply("stats")["result"]["requests"]
+        assert slow["finishReason"] == "deadline" and slow["forwardPasses"] > 1, slow
+        assert queued["finishReason"] == "deadline" and queued["forwardPasses"] == 0, queued
+        assert queued["queueMs"] > 20, queued
+    finally:
+        s.close()
