@@ -67,6 +67,7 @@ class Tally:
     lost_by_kind: Counter = field(default_factory=Counter)
     max_rss: int = 0
     max_request_ms: float = 0.0  # the slowest answer to any request (the monitor's polls included)
+    max_ms_by_kind: dict = field(default_factory=dict)  # request kind -> its slowest answer
     max_loop_block_ms: float = 0.0  # the server's own figure (sdsat/stats eventLoop), highest seen
     max_kv: int = 0
     kv_over_budget: int = 0
@@ -226,7 +227,9 @@ class Connection:
             return
         kind, sent = entry
         self.tally.answered += 1
-        self.tally.max_request_ms = max(self.tally.max_request_ms, (time.perf_counter() - sent) * 1e3)
+        took_ms = (time.perf_counter() - sent) * 1e3
+        self.tally.max_request_ms = max(self.tally.max_request_ms, took_ms)
+        self.tally.max_ms_by_kind[kind] = max(self.tally.max_ms_by_kind.get(kind, 0.0), round(took_ms, 1))
         if error is not None:
             code = str(error.get("code"))
             self.tally.errors_by_code[code] += 1

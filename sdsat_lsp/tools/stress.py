@@ -560,6 +560,8 @@ class Run:
         self.settings = {**STORM_SETTINGS, "maxTokens": opts.max_tokens, "cacheBudgetMb": opts.kv_budget_mb,
                          "model": opts.model or ""}
         self.cmd = [sys.executable, "-m", "sdsat_lsp.cli", "--stdio"]
+        if opts.server_log:  # the server's own account (one line per completion, loop stalls)
+            self.cmd += ["-v", "--log-file", opts.server_log]
         self.conn: Connection | None = None
         self.started = time.perf_counter()
         self.hung = False
@@ -758,6 +760,7 @@ class Run:
             "max_rss_mb": round(t.max_rss / 2**20, 1),
             "max_request_ms": round(t.max_request_ms, 1),
             "max_event_loop_block_ms": round(t.max_loop_block_ms, 1),
+            "max_request_ms_by_kind": dict(sorted(t.max_ms_by_kind.items(), key=lambda kv: -kv[1])),
             "kv_budget_mb": self.opts.kv_budget_mb,
             "max_kv_mb": round(t.max_kv / 2**20, 3),
             "kv_over_budget": t.kv_over_budget,
@@ -846,6 +849,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stall-s", type=float, default=300.0,
                    help="a request unanswered this long means the server hangs (it is killed and the hang counted)")
     p.add_argument("--progress-s", type=float, default=5.0, help="seconds between progress lines on stderr")
+    p.add_argument("--server-log", help="the server logs here (-v --log-file): each completion's stats, event-loop stalls")
 
 
 def run_stress(opts: argparse.Namespace) -> dict:
