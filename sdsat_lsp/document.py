@@ -56,8 +56,15 @@ def break_ends(text: str, base: int = 0):
     out = [np.zeros(0, dtype=np.int64)]
     for i in range(0, len(text), _SCAN):
         # One character more than the chunk: whether a "\r" at its end is half of a "\r\n".
-        codes = np.frombuffer(text[i:i + _SCAN + 1].encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        chunk = text[i:i + _SCAN + 1]
         n = min(_SCAN, len(text) - i)
+        if chunk.isascii():  # most code: one byte a character, a quarter of UTF-32's work
+            codes = np.frombuffer(chunk.encode("ascii"), dtype=np.uint8)
+            if "\r" not in chunk:
+                out.append(np.flatnonzero(codes[:n] == 10).astype(np.int64) + (base + i + 1))
+                continue
+        else:
+            codes = np.frombuffer(chunk.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
         newline = codes == 10
         followed = np.zeros(n, dtype=bool)
         followed[:len(codes) - 1] = newline[1:n + 1]

@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import re
+import time
 from typing import Any
 
 from lsprotocol import types
@@ -22,6 +23,7 @@ from pygls.protocol import LanguageServerProtocol
 from .tcp import token_matches
 
 log = logging.getLogger(__name__)
+SLOW_HANDLER_MS = 50  # a message whose handling took longer is logged (the loop stalls meanwhile)
 
 
 class Protocol(LanguageServerProtocol):
@@ -74,7 +76,11 @@ class Protocol(LanguageServerProtocol):
             return
         if method == types.EXIT:
             self.exit_requested = True
-        super().handle_message(message)
+        started = time.perf_counter()
+        super().handle_message(message)  # synchronous handlers run inside this call, on the event loop
+        took_ms = (time.perf_counter() - started) * 1e3
+        if took_ms > SLOW_HANDLER_MS:
+            log.warning("handling %s took %.0f ms on the event loop", method or "a response", took_ms)
 
     def _envelope(self, data):
         """The typed message for a valid envelope, else None (after answering what can be answered)."""
