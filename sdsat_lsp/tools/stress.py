@@ -563,6 +563,7 @@ class Run:
         if opts.server_log:  # the server's own account (one line per completion, loop stalls)
             self.cmd += ["-v", "--log-file", opts.server_log]
         self.conn: Connection | None = None
+        self.rss_ready = self.rss_closed = 0
         self.started = time.perf_counter()
         self.hung = False
 
@@ -664,6 +665,7 @@ class Run:
             if state != "ready":
                 raise SdsatError(f"the server did not get ready ({state}): {self.conn.stderr_tail(1500)}")
             load_s = time.perf_counter() - self.started
+            self.rss_ready = self.rss()
             await storm.open_documents()
             storm_started = time.perf_counter()
             while self.storm_requests() < opts.requests:
@@ -673,6 +675,8 @@ class Run:
             await self.drain()
             storm_s = time.perf_counter() - storm_started
             final = await self.final_phase(storm) if self.conn.alive else None
+            if self.conn.alive:
+                self.rss_closed = await self.rss_after_closing(storm)
             monitor.cancel()  # no polls after shutdown: they would only be refused
             self.progress()
             exit_info = await self.stop_server()
@@ -684,6 +688,23 @@ class Run:
         identical = await asyncio.to_thread(check_identity, final) if final else {
             "identical_after": False, "why": "the server was not alive for the final check"}
         return self.report(load_s, storm_s, identical, exit_info)
+
+    def rss(self) -> int:
+        import psutil
+
+        try:
+            return psutil.Process(self.conn.proc.pid).memory_info().rss
+        except (psutil.Error, AttributeError):
+            return 0
+
+    async def rss_after_closing(self, storm: Storm) -> int:
+        """The server's RSS once every document is closed: what closing gives back (the server
+        returns freed memory on its worker after closes; a stats round trip waits for that)."""
+        for uri in list(storm.docs):
+            await storm.close(uri)
+        await _stats(self.conn)
+        await asyncio.sleep(2.0)
+        return self.rss()
 
     async def final_phase(self, storm: Storm) -> dict:
         """Fixed prompts on fresh documents, then after an edit that reuses their KV cache, with the
@@ -758,6 +779,8 @@ class Run:
             "unexpected_responses": t.unexpected_responses,
             "stdout_garbage": t.stdout_garbage,
             "max_rss_mb": round(t.max_rss / 2**20, 1),
+            "rss_ready_mb": round(self.rss_ready / 2**20, 1),  # model loaded, no document open yet
+            "rss_after_close_mb": round(self.rss_closed / 2**20, 1),  # after the run, every document closed
             "max_request_ms": round(t.max_request_ms, 1),
             "max_event_loop_block_ms": round(t.max_loop_block_ms, 1),
             "max_request_ms_by_kind": dict(sorted(t.max_ms_by_kind.items(), key=lambda kv: -kv[1])),
