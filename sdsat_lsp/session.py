@@ -118,3 +118,23 @@ def return_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def log_slow_collections() -> None:
+    """A full garbage collection stops every thread of the process, the event loop included:
+    log the slow ones, so that a stall with no slow handler behind it can be told apart."""
+    import gc
+
+    if _time_collection not in gc.callbacks:
+        gc.callbacks.append(_time_collection)
+
+
+_collection_started = [0.0]
+
+
+def _time_collection(phase: str, info: dict) -> None:
+    if phase == "start":
+        _collection_started[0] = time.perf_counter()
+    elif (took_ms := (time.perf_counter() - _collection_started[0]) * 1e3) > 50:
+        log.warning("garbage collection (generation %d) took %.0f ms, collected %d", info["generation"],
+                    took_ms, info["collected"])
