@@ -47,15 +47,13 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcInternalError
 from pygls.lsp.server import LanguageServer
 
-from .completion import complete
 from .document import Document, DocumentWorkspace
 from .draftbuild import DraftStoreBuilder
 from .errors import SdsatError
 from .jsonrpc import LenientStdin, Protocol, plain
 from .kvcache import KVCacheStore
 from .loading import load_blocking
-from . import faults, session
-from .prompt import Completion
+from . import faults, jobs, session
 from .replies import completion_items, inline_items, stats_reply
 from .session import Documents, Job, Outcome, return_memory
 from .settings import RELOAD_KEYS, Settings, parse_settings
@@ -310,36 +308,8 @@ class SdsatServer(LanguageServer):
         return outcome, cursor, text[line_start:offset], text[offset:line_end]
 
     def run_job(self, job: Job) -> Outcome:
-        """On the worker thread: prompt, cache lease, decode, rules. Never raises."""
-        stats: dict[str, Any] = {"seq": job.seq, "requestId": job.request_id, "uri": job.uri,
-                                 "queueMs": round((time.perf_counter() - job.created) * 1e3, 2)}
-        try:
-            completion = self._run_job(job, stats)
-        except Exception as exc:
-            log.exception("[req %s] completion failed", job.request_id)
-            stats.update(finishReason="error", error=f"{type(exc).__name__}: {exc}")
-            completion = None
-        stats["totalMs"] = round((time.perf_counter() - job.created) * 1e3, 2)
-        stats["items"] = int(completion is not None)
-        with self.recent_lock:
-            self.recent.append(stats)
-        log.info("[req %s] %s", job.request_id, " ".join(f"{k}={v}" for k, v in stats.items() if k not in ("uri", "requestId")))
-        return Outcome(completion, stats)
-
-    def _run_job(self, job: Job, stats: dict) -> Completion | None:
-        loaded, kv, s = self.loaded, self.kv, job.settings
-        if job.cancel.is_set() or loaded is None or kv is None:
-            stats["finishReason"] = "cancelled" if job.cancel.is_set() else "not-ready"
-            return None
-        result = complete(loaded, s, job.text, job.offset, keep=job.doc.window_head, kv=kv, uri=job.uri,
-                          draft_store=self.drafts.store, cancel=job.cancel.is_set,
-                          deadline=job.created + s.time_budget_ms / 1e3 if s.time_budget_ms else None,
-                          hard_deadline=job.created + s.deadline_ms / 1e3 if s.deadline_ms else None)
-        job.doc.window_head = result.prompt.window_head
-        if job.doc.closed:  # closed while this ran: its cache, stored just now, goes too
-            kv.drop(job.uri)
-        stats.update(result.stats)
-        return result.completion
+        """On the worker thread: type through or decode (jobs.py). Never raises."""
+        return jobs.run_job(self, job)
 
     def return_memory_soon(self) -> None:
         """`session.return_memory` on the worker (after the job under way), once however many

@@ -41,6 +41,7 @@ class DocumentState:
     window_head: str | None = None  # where the last prompt window started (prompt.build_prompt's `keep`)
     closed: bool = False  # closed or forgotten: a job still running for it must not leave a KV entry behind
     too_big_logged: bool = False  # the "too big for completion" line was logged for this document
+    continuation: Any = None  # typethrough.Continuation: the last decode, set on the worker
 
 
 @dataclass

@@ -1,0 +1,113 @@
+"""Typing through a suggestion costs no model pass, and gives what a fresh greedy completion gives;
+typing something else decodes (issue 16, item 1). Over stdio with tests/lsp_client.py, on the tiny
+random model, and in process over many cursors."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from sdsat_lsp.completion import complete
+from sdsat_lsp.modelcard import read_model_card
+from sdsat_lsp.settings import Settings, parse_settings
+from sdsat_lsp.typethrough import complete_typing
+
+from documents import WALK_MODULE as DOC  # tests/documents.py
+from lsp_client import BASE_OPTIONS, Session, offset_of
+
+over_lsp = pytest.mark.asyncio(loop_scope="module")
+
+# In "    for path in walk(argv[1]):", after "for path": the tiny model's suggestion there ends
+# by the completion rules (a stop), so its remainder is known after each character typed.
+LINE, COLUMN = 15, 12
+
+
+async def _ask(server: Session, uri: str, line: int, column: int):
+    result = await server.inline(uri, line, column)
+    return (result.items[0] if result.items else None), await server.last_request(uri)
+
+
+def _same(item, expected, column: int) -> bool:
+    if expected is None:
+        return item is None
+    return (item is not None and item.insert_text == expected.text
+            and item.range.end.character == column + expected.replace_chars)
+
+
+@over_lsp
+async def test_typing_the_suggestion_gets_the_rest_with_no_pass(main_server, reference):
+    uri = "file:///typethrough.py"
+    text = DOC
+    main_server.open(uri, text)
+    try:
+        first, stats = await _ask(main_server, uri, LINE, COLUMN)
+        assert first is not None and stats["forwardPasses"] >= 1 and stats["typedThrough"] is False
+        suggestion = first.insert_text
+        assert len(suggestion) >= 3, suggestion
+        passes = []
+        for i, ch in enumerate(suggestion[:-1]):
+            main_server.change(uri, (LINE, COLUMN + i), (LINE, COLUMN + i), ch)
+            text = text[:offset_of(text, LINE, COLUMN + i)] + ch + text[offset_of(text, LINE, COLUMN + i):]
+            column = COLUMN + i + 1
+            item, stats = await _ask(main_server, uri, LINE, column)
+            _, expected, _ = reference(text, offset_of(text, LINE, column))
+            assert _same(item, expected, column), (suggestion[:i + 1], item, expected)
+            assert item.insert_text == suggestion[i + 1:]
+            assert stats["typedThrough"] is True and stats["completionId"] == (await main_server.stats(
+                uri=uri))["requests"][0]["completionId"]
+            assert stats["forwardPasses"] == 0 and stats["prefillTokens"] == 0 and stats["decodeMs"] == 0
+            passes.append(stats["forwardPasses"])
+        assert passes and set(passes) == {0}
+    finally:
+        main_server.close(uri)
+
+
+@over_lsp
+async def test_typing_something_else_decodes(main_server, reference):
+    uri = "file:///typed_other.py"
+    main_server.open(uri, DOC)
+    try:
+        first, _ = await _ask(main_server, uri, LINE, COLUMN)
+        other = "Z" if not first.insert_text.startswith("Z") else "Q"
+        main_server.change(uri, (LINE, COLUMN), (LINE, COLUMN), other)
+        text = DOC[:offset_of(DOC, LINE, COLUMN)] + other + DOC[offset_of(DOC, LINE, COLUMN):]
+        item, stats = await _ask(main_server, uri, LINE, COLUMN + 1)
+        assert stats["typedThrough"] is False and stats["forwardPasses"] >= 1 and stats["prefillTokens"] >= 1
+        _, expected, _ = reference(text, offset_of(text, LINE, COLUMN + 1))
+        assert _same(item, expected, COLUMN + 1)
+    finally:
+        main_server.close(uri)
+
+
+# ---- in process: exact over many cursors ------------------------------------------------------
+
+
+def test_typed_through_answers_equal_fresh_greedy(tiny_lm, tiny_model_dir):
+    """Type each suggestion a character at a time at a dozen cursors: every answer equals a fresh
+    greedy completion of the same text (token healing, mid-token typing, the rules of the new
+    cursor), and some are typed through."""
+    import torch
+
+    model, tokenizer, _ = tiny_lm
+    loaded = SimpleNamespace(model=model, tokenizer=tokenizer, card=read_model_card(tiny_model_dir))
+    s, problems = parse_settings(BASE_OPTIONS, Settings())
+    assert not problems
+    torch.set_num_threads(1)
+    typed_through = answers = 0
+    lines = DOC.splitlines()
+    cursors = [(line, column) for line in range(4, 18) for column in (4, len(lines[line]) // 2) if lines[line].strip()]
+    for line, column in cursors:
+        offset = offset_of(DOC, line, column)
+        first, record = complete_typing(loaded, s, DOC, offset, None, 1, keep=None, kv=None, uri="u")
+        if first.completion is None:
+            continue
+        keep = first.prompt.window_head
+        for i in range(1, min(len(first.completion.text), 8)):
+            text = DOC[:offset] + first.completion.text[:i] + DOC[offset:]
+            got, _ = complete_typing(loaded, s, text, offset + i, record, 2, keep=keep, kv=None, uri="u")
+            fresh = complete(loaded, s, text, offset + i, keep=keep, mode="ar").completion
+            assert got.completion == fresh, (line, column, i)
+            answers += 1
+            typed_through += got.stats["typedThrough"]
+            assert (got.stats["forwardPasses"] == 0) == got.stats["typedThrough"], got.stats
+    assert answers > 30 and typed_through >= 3, (answers, typed_through)
