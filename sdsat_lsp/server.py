@@ -44,9 +44,10 @@ from typing import Any, NoReturn
 from urllib.parse import unquote
 
 from lsprotocol import types
-from pygls.exceptions import JsonRpcInternalError
+from pygls.exceptions import JsonRpcInternalError, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 
+from .acceptance import ACCEPT_COMMAND, SuggestionLog
 from .document import Document, DocumentWorkspace
 from .draftbuild import DraftStoreBuilder
 from .errors import SdsatError
@@ -54,7 +55,7 @@ from .jsonrpc import LenientStdin, Protocol, plain
 from .kvcache import KVCacheStore
 from .loading import load_blocking
 from . import faults, jobs, session
-from .replies import completion_items, inline_items, stats_reply
+from .replies import accept_command, completion_items, inline_items, stats_reply
 from .session import Documents, Job, Outcome, return_memory
 from .settings import RELOAD_KEYS, Settings, parse_settings
 from .tcp import new_token, parse_address, serve_tcp
@@ -95,6 +96,7 @@ class SdsatServer(LanguageServer):
         self.compile_info: dict = {"state": "off"}  # the compiled forward's state (start_compile)
         self.loop_block_ms = 0.0  # the longest the event loop was late for its watch (see watch_loop)
         self.trim_pending = False  # a return_memory is queued on the worker
+        self.suggestions = SuggestionLog()  # what was shown and accepted (acceptance.py)
 
     # -- notifications to the client (always from the event loop thread) --------------------------
 
@@ -375,7 +377,8 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
         if done is None:
             return types.InlineCompletionList(items=[])
         outcome, cursor, _, rest = done
-        return inline_items(outcome, cursor, rest, ls.workspace.position_codec.client_num_units)
+        units = ls.workspace.position_codec.client_num_units
+        return inline_items(outcome, cursor, rest, units, accept_command(ls.suggestions, params.text_document.uri, outcome, units))
 
     async def on_completion(ls: SdsatServer, params: types.CompletionParams) -> types.CompletionList:
         """The same completion as a popup item (registered only for clients without inline completion)."""
@@ -384,7 +387,9 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
             return types.CompletionList(is_incomplete=True, items=[])
         outcome, cursor, before, rest = done
         word = re.search(r"\w*$", before).group(0)
-        return completion_items(outcome, cursor, rest, word, ls.workspace.position_codec.client_num_units)
+        units = ls.workspace.position_codec.client_num_units
+        return completion_items(outcome, cursor, rest, word, units,
+                                accept_command(ls.suggestions, params.text_document.uri, outcome, units))
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
     async def on_configuration(ls: SdsatServer, params: types.DidChangeConfigurationParams) -> None:
@@ -415,6 +420,14 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
     def on_stats(ls: SdsatServer, params: Any = None) -> dict:
         """Per-request stats, the KV cache's contents, settings and state."""
         return ls.stats_report(params)
+
+    @server.command(ACCEPT_COMMAND)
+    def on_accept(ls: SdsatServer, *arguments: Any) -> dict:
+        """An item (or part of it) was accepted: its command, run by the client (acceptance.py)."""
+        try:
+            return ls.suggestions.accept(plain(list(arguments)))
+        except ValueError as exc:
+            raise JsonRpcInvalidParams(str(exc)) from None
 
     @server.feature(types.SHUTDOWN)
     def on_shutdown(ls: SdsatServer, params: Any = None) -> None:

@@ -44,6 +44,7 @@ async def test_typing_the_suggestion_gets_the_rest_with_no_pass(main_server, ref
         assert first is not None and stats["forwardPasses"] >= 1 and stats["typedThrough"] is False
         suggestion = first.insert_text
         assert len(suggestion) >= 3, suggestion
+        counted = (await main_server.stats(last=0))["typedThrough"]
         passes = []
         for i, ch in enumerate(suggestion[:-1]):
             main_server.change(uri, (LINE, COLUMN + i), (LINE, COLUMN + i), ch)
@@ -58,6 +59,7 @@ async def test_typing_the_suggestion_gets_the_rest_with_no_pass(main_server, ref
             assert stats["forwardPasses"] == 0 and stats["prefillTokens"] == 0 and stats["decodeMs"] == 0
             passes.append(stats["forwardPasses"])
         assert passes and set(passes) == {0}
+        assert (await main_server.stats(last=0))["typedThrough"] == counted + len(passes)
     finally:
         main_server.close(uri)
 
