@@ -1,6 +1,7 @@
 """The worker's side of a completion request (`SdsatServer.run_job`, on the inference thread):
 type through the document's last suggestion when that is exact, else decode (typethrough.py,
-completion.py); record the request's figures for `sdsat/stats`."""
+completion.py); record the request's figures for `sdsat/stats`; then queue the prefetch
+(prefetch.py), which the next request, edit or settings change preempts."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import time
 from typing import Any
 
+from . import prefetch
 from .prompt import Completion
 from .session import Job, Outcome
 from .typethrough import complete_typing
@@ -30,6 +32,7 @@ def run_job(server, job: Job) -> Outcome:
     with server.recent_lock:
         server.recent.append(stats)
     log.info("[req %s] %s", job.request_id, " ".join(f"{k}={v}" for k, v in stats.items() if k not in ("uri", "requestId")))
+    prefetch_soon(server, job)
     return Outcome(completion, stats)
 
 
@@ -49,3 +52,30 @@ def _answer(server, job: Job, stats: dict) -> Completion | None:
     stats.update(result.stats)
     return result.completion
 
+
+def prefetch_soon(server, job: Job) -> None:
+    """Queue a prefetch after `job`'s answer. It runs after the answer is handed back, and only
+    while nothing came since `job` (`server.activity`, counted on the event loop: requests, edits,
+    closes, settings); it stops at the next pass once something does."""
+    if job.doc.closed or not prefetch.wanted(job.settings, job.doc.continuation, server.loaded, server.kv, job.uri):
+        return
+
+    def run() -> None:
+        started = time.perf_counter()
+        kv = server.kv
+        try:
+            if server.activity != job.activity or job.doc.closed or kv is None:
+                return
+            figures = prefetch.prefetch(server.loaded, job.settings, kv, job.uri, job.doc.continuation,
+                                        lambda: server.activity != job.activity)
+            server.prefetched.add(figures, (time.perf_counter() - started) * 1e3)
+            if job.doc.closed:  # closed while this ran: its cache, stored just now, goes too
+                kv.drop(job.uri)
+        finally:
+            server.prefetched.pending -= 1
+
+    server.prefetched.pending += 1  # on the worker, as the decrement: no race
+    try:
+        server.worker.submit(run)
+    except RuntimeError:  # shut down
+        server.prefetched.pending -= 1

@@ -86,4 +86,5 @@ def stats_reply(server, params: Any) -> dict:
             "eventLoop": {"maxBlockMs": round(server.loop_block_ms, 1)},
             "settings": settings_to_wire(server.settings), "requests": requests, "startup": server.startup,
             "acceptance": server.suggestions.report(uri), "typedThrough": server.suggestions.total.typed_through,
+            "prefetch": server.prefetched.wire(),
             "positionEncoding": str(server.workspace.position_encoding) if server.protocol.has_workspace else None}

@@ -54,7 +54,7 @@ from .errors import SdsatError
 from .jsonrpc import LenientStdin, Protocol, plain
 from .kvcache import KVCacheStore
 from .loading import load_blocking
-from . import faults, jobs, session
+from . import faults, jobs, prefetch, session
 from .replies import accept_command, completion_items, inline_items, stats_reply
 from .session import Documents, Job, Outcome, return_memory
 from .settings import RELOAD_KEYS, Settings, parse_settings
@@ -97,6 +97,8 @@ class SdsatServer(LanguageServer):
         self.loop_block_ms = 0.0  # the longest the event loop was late for its watch (see watch_loop)
         self.trim_pending = False  # a return_memory is queued on the worker
         self.suggestions = SuggestionLog()  # what was shown and accepted (acceptance.py)
+        self.activity = 0  # requests, edits and settings so far: a prefetch stops when it moves
+        self.prefetched = prefetch.PrefetchStats()
 
     # -- notifications to the client (always from the event loop thread) --------------------------
 
@@ -141,6 +143,7 @@ class SdsatServer(LanguageServer):
             more = f"; and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
             self.warn_user(f"invalid {source} settings ({shown}{more})")
         old, self.settings = self.settings, new
+        self.activity += 1
         if self.kv is not None:
             self.kv.set_budget(new.cache_budget_mb * 2**20)
             if new.kv_cache != self.kv.enabled:
@@ -291,7 +294,8 @@ class SdsatServer(LanguageServer):
         text = doc.source
         offset = doc.offset_at_position(position)
         cursor, line_start, line_end = doc.position_at_offset(offset)
-        job = Job(next(self.seq), self.protocol.msg_id, uri, text, offset, self.settings, state)
+        self.activity += 1
+        job = Job(next(self.seq), self.protocol.msg_id, uri, text, offset, self.settings, state, activity=self.activity)
         if state.job is not None:
             state.job.cancel.set()  # cancel-previous: the newest request for a document wins
         state.job = job
@@ -310,7 +314,7 @@ class SdsatServer(LanguageServer):
         return outcome, cursor, text[line_start:offset], text[offset:line_end]
 
     def run_job(self, job: Job) -> Outcome:
-        """On the worker thread: type through or decode (jobs.py). Never raises."""
+        """On the worker thread: type through or decode, then prefetch (jobs.py). Never raises."""
         return jobs.run_job(self, job)
 
     def return_memory_soon(self) -> None:
@@ -407,11 +411,13 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
     @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
     def on_change(ls: SdsatServer, params: types.DidChangeTextDocumentParams) -> None:
         """pygls has applied the edits; the cache keeps its longest common prefix with the next prompt."""
+        ls.activity += 1  # a prefetch under way stops at its next pass
 
     @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     def on_close(ls: SdsatServer, params: types.DidCloseTextDocumentParams) -> None:
         """Cancel the document's work and free its KV cache."""
         uri = params.text_document.uri
+        ls.activity += 1
         freed = ls.docs.close(uri, ls.kv)
         log.info("closed %s: freed %d bytes of KV cache", uri, freed)
         ls.return_memory_soon()

@@ -57,6 +57,9 @@ class Job:
     doc: DocumentState = field(default_factory=DocumentState)
     created: float = field(default_factory=time.perf_counter)
     cancel: threading.Event = field(default_factory=threading.Event)
+    # The server's count of requests, edits and settings changes when this one came: the prefetch
+    # after it stops once that count moves (jobs.prefetch_soon).
+    activity: int = 0
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """Typing through a suggestion costs no model pass, and gives what a fresh greedy completion gives;
-typing something else decodes (issue 16, item 1). Over stdio with tests/lsp_client.py, on the tiny
-random model, and in process over many cursors."""
+typing something else decodes; the prefetch decodes on while idle, yields to any request, and can
+be turned off (issue 16, items 1 and 2). Over stdio with tests/lsp_client.py, on the tiny random
+model, and in process over many cursors."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +16,7 @@ from sdsat_lsp.settings import Settings, parse_settings
 from sdsat_lsp.typethrough import complete_typing
 
 from documents import WALK_MODULE as DOC  # tests/documents.py
-from lsp_client import BASE_OPTIONS, Session, offset_of
+from lsp_client import BASE_OPTIONS, Session, capabilities, offset_of
 
 over_lsp = pytest.mark.asyncio(loop_scope="module")
 
@@ -79,6 +82,74 @@ async def test_typing_something_else_decodes(main_server, reference):
         assert _same(item, expected, COLUMN + 1)
     finally:
         main_server.close(uri)
+
+
+@over_lsp
+async def test_after_accepting_the_next_line_is_ready(main_server, reference):
+    """The prefetch decodes past the suggestion while the server is idle: the user inserts it and
+    asks again at its end, and gets the answer with no pass. (At the end of "        if
+    os.path.isdir(path):" the tiny model's suggestion stops at its line's end; after most of its
+    suggestions the text inserted does not tokenize as the model wrote it, and the request decodes.)"""
+    uri = "file:///prefetched.py"
+    line, column = 8, 31
+    main_server.open(uri, DOC)
+    try:
+        before = (await main_server.stats(last=0))["prefetch"]
+        first, stats = await _ask(main_server, uri, line, column)
+        after = (await main_server.prefetched())["prefetch"]
+        assert after["runs"] == before["runs"] + 1 and after["tokens"] > before["tokens"]
+        cache = (await main_server.stats(uri=uri))["cache"]["perDocument"]
+        # The cache holds the prompt, the answer's tokens and the prefetched ones (a decode's last
+        # token waits for the next pass to be fed).
+        held = stats["promptTokens"] + stats["newTokens"] + after["tokens"] - before["tokens"]
+        assert held - 1 <= cache[0]["tokens"] <= held, (cache, stats, after)
+        main_server.change(uri, (line, column), (line, column), first.insert_text)
+        text = DOC[:offset_of(DOC, line, column)] + first.insert_text + DOC[offset_of(DOC, line, column):]
+        column += len(first.insert_text)
+        item, stats = await _ask(main_server, uri, line, column)
+        _, expected, _ = reference(text, offset_of(text, line, column))
+        assert expected is not None and _same(item, expected, column)
+        assert stats["typedThrough"] is True and stats["forwardPasses"] == 0, stats
+        # Without the prefetch the same request decodes (what the prefetch saved).
+        main_server.configure({"prefetchTokens": 0})
+        main_server.change(uri, (line, 31), (line, column), "")
+        await _ask(main_server, uri, line, 31)
+        main_server.change(uri, (line, 31), (line, 31), first.insert_text)
+        item, stats = await _ask(main_server, uri, line, column)
+        assert _same(item, expected, column) and stats["typedThrough"] is False and stats["forwardPasses"] >= 1
+    finally:
+        main_server.configure({"prefetchTokens": 32})
+        main_server.close(uri)
+
+
+@over_lsp
+async def test_prefetch_yields_to_a_request_and_turns_off(tiny_model_dir):
+    """A prefetch with room for seconds of decoding (limits raised for the test) stops at the next
+    pass when a request comes: the request waits a pass, not the prefetch. `prefetchTokens: 0`
+    runs none."""
+    limits = '{"prefetch.PREFETCH_MS": 60000, "prefetch.PREFETCH_LINES": 100000}'
+    session = await Session.start({"model": str(tiny_model_dir), **BASE_OPTIONS, "maxTokens": 4,
+                                   "prefetchTokens": 700}, capabilities(), env={"SDSAT_LSP_TEST_LIMITS": limits})
+    try:
+        uri = "file:///preempt.py"
+        session.open(uri, DOC)
+        await session.inline(uri, LINE, COLUMN)
+        await asyncio.sleep(0.5)  # the prefetch is under way (700 tokens: seconds on 2 cores)
+        assert (await session.stats(last=0))["prefetch"]["pending"] == 1
+        started = time.perf_counter()
+        await session.inline(uri, 6, 4)
+        waited_ms = (time.perf_counter() - started) * 1e3
+        stats = await session.last_request(uri)
+        prefetch = (await session.prefetched())["prefetch"]
+        # Two runs (one after each request): the first preempted by the second request.
+        assert prefetch["runs"] == 2 and prefetch["preempted"] == 1, prefetch
+        assert stats["queueMs"] < 250 and waited_ms < 2000, (stats, waited_ms)
+        session.configure({"prefetchTokens": 0})
+        runs = prefetch["runs"]
+        await session.inline(uri, 17, 14)
+        assert (await session.prefetched())["prefetch"]["runs"] == runs
+    finally:
+        await session.stop()
 
 
 # ---- in process: exact over many cursors ------------------------------------------------------
