@@ -54,20 +54,20 @@ def _answer(server, job: Job, stats: dict) -> Completion | None:
 
 
 def prefetch_soon(server, job: Job) -> None:
-    """Queue a prefetch after `job`'s answer. It runs after the answer is handed back, and only
-    while nothing came since `job` (`server.activity`, counted on the event loop: requests, edits,
-    closes, settings); it stops at the next pass once something does."""
+    """Queue a prefetch after `job`'s answer. It runs after the answer is handed back, once nothing
+    came since `job` for PREFETCH_IDLE_MS (`server.activity`, bumped on the event loop: requests,
+    edits, closes, settings), and stops at the next pass once something does."""
     if job.doc.closed or not prefetch.wanted(job.settings, job.doc.continuation, server.loaded, server.kv, job.uri):
         return
 
     def run() -> None:
-        started = time.perf_counter()
-        kv = server.kv
+        kv, activity = server.kv, server.activity
         try:
-            if server.activity != job.activity or job.doc.closed or kv is None:
+            if not activity.idle_since(job.activity, prefetch.PREFETCH_IDLE_MS / 1e3) or job.doc.closed or kv is None:
                 return
+            started = time.perf_counter()
             figures = prefetch.prefetch(server.loaded, job.settings, kv, job.uri, job.doc.continuation,
-                                        lambda: server.activity != job.activity)
+                                        lambda: activity.count != job.activity)
             server.prefetched.add(figures, (time.perf_counter() - started) * 1e3)
             if job.doc.closed:  # closed while this ran: its cache, stored just now, goes too
                 kv.drop(job.uri)

@@ -19,7 +19,8 @@
 - Positions are UTF-16 unless the client offers UTF-8/UTF-32 (pygls negotiates
   `general.positionEncodings`); offsets inside the server are code points.
 - `sdsat/stats` answers per-request stats (prompt tokens, tokens reused, prefill/decode ms,
-  drafts accepted), the KV cache's contents and the current settings.
+  drafts accepted), the KV cache's contents, the current settings, what was shown and accepted
+  (items carry the `sdsat.accept` command: acceptance.py) and the prefetch's figures.
 
 In the core only this module, `jsonrpc.py` (the repairs of pygls' protocol), `tcp.py` and
 `document.py` import lsprotocol/pygls. The data flow of one keystroke: docs/architecture.md.
@@ -97,7 +98,7 @@ class SdsatServer(LanguageServer):
         self.loop_block_ms = 0.0  # the longest the event loop was late for its watch (see watch_loop)
         self.trim_pending = False  # a return_memory is queued on the worker
         self.suggestions = SuggestionLog()  # what was shown and accepted (acceptance.py)
-        self.activity = 0  # requests, edits and settings so far: a prefetch stops when it moves
+        self.activity = prefetch.Activity()  # requests, edits and settings: a prefetch stops when it moves
         self.prefetched = prefetch.PrefetchStats()
 
     # -- notifications to the client (always from the event loop thread) --------------------------
@@ -143,7 +144,7 @@ class SdsatServer(LanguageServer):
             more = f"; and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
             self.warn_user(f"invalid {source} settings ({shown}{more})")
         old, self.settings = self.settings, new
-        self.activity += 1
+        self.activity.bump()
         if self.kv is not None:
             self.kv.set_budget(new.cache_budget_mb * 2**20)
             if new.kv_cache != self.kv.enabled:
@@ -294,8 +295,8 @@ class SdsatServer(LanguageServer):
         text = doc.source
         offset = doc.offset_at_position(position)
         cursor, line_start, line_end = doc.position_at_offset(offset)
-        self.activity += 1
-        job = Job(next(self.seq), self.protocol.msg_id, uri, text, offset, self.settings, state, activity=self.activity)
+        self.activity.bump()
+        job = Job(next(self.seq), self.protocol.msg_id, uri, text, offset, self.settings, state, activity=self.activity.count)
         if state.job is not None:
             state.job.cancel.set()  # cancel-previous: the newest request for a document wins
         state.job = job
@@ -349,6 +350,27 @@ def _version() -> str:
 # Handlers: get the document, call the pipeline, convert, return.
 
 
+async def on_completion(ls: SdsatServer, params: types.CompletionParams) -> types.CompletionList:
+    """The same completion as a popup item (registered by on_initialize, only for clients without
+    inline completion)."""
+    done = await ls.complete(params.text_document.uri, params.position)
+    if done is None:
+        return types.CompletionList(is_incomplete=True, items=[])
+    outcome, cursor, before, rest = done
+    word = re.search(r"\w*$", before).group(0)
+    units = ls.workspace.position_codec.client_num_units
+    return completion_items(outcome, cursor, rest, word, units,
+                            accept_command(ls.suggestions, params.text_document.uri, outcome, units))
+
+
+def on_accept(ls: SdsatServer, *arguments: Any) -> dict:
+    """`sdsat.accept`: an item (or part of it) was accepted, as the client reports (acceptance.py)."""
+    try:
+        return ls.suggestions.accept(plain(list(arguments)))
+    except ValueError as exc:
+        raise JsonRpcInvalidParams(str(exc)) from None
+
+
 def build_server(cli_settings: Settings | None = None) -> SdsatServer:
     server = SdsatServer(cli_settings)
 
@@ -384,17 +406,6 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
         units = ls.workspace.position_codec.client_num_units
         return inline_items(outcome, cursor, rest, units, accept_command(ls.suggestions, params.text_document.uri, outcome, units))
 
-    async def on_completion(ls: SdsatServer, params: types.CompletionParams) -> types.CompletionList:
-        """The same completion as a popup item (registered only for clients without inline completion)."""
-        done = await ls.complete(params.text_document.uri, params.position)
-        if done is None:
-            return types.CompletionList(is_incomplete=True, items=[])
-        outcome, cursor, before, rest = done
-        word = re.search(r"\w*$", before).group(0)
-        units = ls.workspace.position_codec.client_num_units
-        return completion_items(outcome, cursor, rest, word, units,
-                                accept_command(ls.suggestions, params.text_document.uri, outcome, units))
-
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
     async def on_configuration(ls: SdsatServer, params: types.DidChangeConfigurationParams) -> None:
         """Apply new settings; model settings reload the model. Clients of the pull model (VS Code's
@@ -411,13 +422,13 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
     @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
     def on_change(ls: SdsatServer, params: types.DidChangeTextDocumentParams) -> None:
         """pygls has applied the edits; the cache keeps its longest common prefix with the next prompt."""
-        ls.activity += 1  # a prefetch under way stops at its next pass
+        ls.activity.bump()  # a prefetch under way stops at its next pass
 
     @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     def on_close(ls: SdsatServer, params: types.DidCloseTextDocumentParams) -> None:
         """Cancel the document's work and free its KV cache."""
         uri = params.text_document.uri
-        ls.activity += 1
+        ls.activity.bump()
         freed = ls.docs.close(uri, ls.kv)
         log.info("closed %s: freed %d bytes of KV cache", uri, freed)
         ls.return_memory_soon()
@@ -427,13 +438,7 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
         """Per-request stats, the KV cache's contents, settings and state."""
         return ls.stats_report(params)
 
-    @server.command(ACCEPT_COMMAND)
-    def on_accept(ls: SdsatServer, *arguments: Any) -> dict:
-        """An item (or part of it) was accepted: its command, run by the client (acceptance.py)."""
-        try:
-            return ls.suggestions.accept(plain(list(arguments)))
-        except ValueError as exc:
-            raise JsonRpcInvalidParams(str(exc)) from None
+    server.command(ACCEPT_COMMAND)(on_accept)
 
     @server.feature(types.SHUTDOWN)
     def on_shutdown(ls: SdsatServer, params: Any = None) -> None:
