@@ -6,7 +6,8 @@
                   --prompt.Rules---------> the completion              `complete`
 
 This is the only place where the pipeline is written down. The server calls `complete` on its
-worker thread (with the document's KV cache and the draft store); the stress tool and the tests
+worker thread (with the document's KV cache and the draft store), through typethrough.py, which
+first checks whether the answer is known without a pass (`prepare`); the stress tool and the tests
 call it with `mode="ar"` as the reference the server must equal; `sdsat-lsp eval` uses the
 healing and decoding steps with its own prompts and stops. See docs/architecture.md.
 """
