@@ -6,7 +6,8 @@
                   --prompt.Rules---------> the completion              `complete`
 
 This is the only place where the pipeline is written down. The server calls `complete` on its
-worker thread (with the document's KV cache and the draft store); the stress tool and the tests
+worker thread (with the document's KV cache and the draft store), through typethrough.py, which
+first checks whether the answer is known without a pass (`prepare`); the stress tool and the tests
 call it with `mode="ar"` as the reference the server must equal; `sdsat-lsp eval` uses the
 healing and decoding steps with its own prompts and stops. See docs/architecture.md.
 """
@@ -81,21 +82,41 @@ class Result:
     generation: Any  # engine.Generation
 
 
+@dataclass
+class Prepared:
+    """A request before any model pass: its prompt, the ids the model is given, its rules."""
+
+    prompt: Prompt
+    model_prompt: ModelPrompt
+    rules: Rules
+    k: int
+    mode: str  # the decoding mode the settings and the model card give
+
+
+def prepare(loaded, s: Settings, text: str, offset: int, keep: str | None = None) -> Prepared:
+    """Prompt, healing and rules for a completion at `offset` in `text`: tokenizer work only.
+    `complete` decodes after it; typethrough.py may answer from it with no pass at all."""
+    prompt, k, mode = request_prompt(loaded, s, model_text(text), offset, keep=keep)
+    mp = heal_prompt(loaded.tokenizer, prompt.ids, s.token_healing)
+    return Prepared(prompt, mp, Rules(prompt.context), k, mode)
+
+
 def complete(loaded, s: Settings, text: str, offset: int, *, keep: str | None = None, mode: str | None = None,
              kv=None, uri: str = "", draft_store=None, cancel: Callable[[], bool] | None = None,
-             deadline: float | None = None, hard_deadline: float | None = None) -> Result:
+             deadline: float | None = None, hard_deadline: float | None = None,
+             prepared: Prepared | None = None) -> Result:
     """The completion at `offset` in `text` with settings `s` and `loaded` (model, tokenizer, card).
 
     `keep`: the window head of the previous prompt for this document (prompt.build_prompt keeps the
     window still while it fits). `mode`: the decoding mode instead of the settings' ("ar" for the
     reference). `kv`: a kvcache.KVCacheStore whose entry for `uri` is reused and updated.
-    `draft_store`, `cancel`, `deadline` and `hard_deadline`: as `engine.generate` takes them."""
+    `draft_store`, `cancel`, `deadline` and `hard_deadline`: as `engine.generate` takes them.
+    `prepared`: `prepare(loaded, s, text, offset, keep)` when the caller has it already."""
     from .sampling import Sampling
 
-    prompt, k, card_mode = request_prompt(loaded, s, model_text(text), offset, keep=keep)
-    mode = mode or card_mode
-    rules = Rules(prompt.context)
-    mp = heal_prompt(loaded.tokenizer, prompt.ids, s.token_healing)
+    p = prepared or prepare(loaded, s, text, offset, keep)
+    prompt, k, mp, rules = p.prompt, p.k, p.model_prompt, p.rules
+    mode = mode or p.mode
     lease = kv.acquire(uri, mp.ids) if kv is not None else None
     try:
         gen = decode(
@@ -111,16 +132,18 @@ def complete(loaded, s: Settings, text: str, offset: int, *, keep: str | None = 
         raise
     if lease is not None:
         kv.release(lease, gen.cache_ids)
-    stats = _stats(gen, mp, prompt, lease, mode, k)
+    stats = stats_of(gen, mp, prompt, lease.cached_before if lease is not None else 0, mode, k)
     completion = None if gen.finish_reason == "cancelled" else rules.finish(mp.decode(gen.tokens))
     return Result(completion, stats, prompt, mp, gen)
 
 
-def _stats(gen, mp: ModelPrompt, prompt: Prompt, lease, mode: str, k: int) -> dict[str, Any]:
+def stats_of(gen, mp: ModelPrompt, prompt: Prompt, cached_before: int, mode: str, k: int) -> dict[str, Any]:
+    """A request's figures as `sdsat/stats` reports them (`cached_before`: tokens the document's KV
+    cache held before it)."""
     st = gen.stats
     return dict(
         promptTokens=len(mp.ids), healed=mp.healed, reusedTokens=st.reused_tokens, prefillTokens=st.prefill_tokens,
-        cachedBefore=lease.cached_before if lease is not None else 0, prefillMs=round(st.prefill_ms, 2),
+        cachedBefore=cached_before, prefillMs=round(st.prefill_ms, 2),
         decodeMs=round(st.wall_ms - st.prefill_ms, 2), newTokens=st.new_tokens, forwardPasses=st.forward_passes,
         draftsAccepted=st.drafts_accepted, draftsVerified=st.drafts_verified, lookupAccepted=st.lookup_accepted,
         storeAccepted=st.store_accepted, storePasses=st.store_passes,

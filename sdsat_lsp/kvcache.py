@@ -194,9 +194,11 @@ class KVCacheStore:
             return sum(e.nbytes for e in self._entries.values())
 
     def summary(self) -> dict:
-        """Documents, tokens and bytes held, for logs and the server's stats request."""
+        """Documents, tokens and bytes held, for logs and the server's stats request. A dropped
+        entry still lent out (a closed document's cache in the middle of a pass) is left out: it
+        is discarded when that pass ends."""
         with self._lock:
-            docs = {str(k): {"tokens": len(e.ids), "bytes": e.nbytes} for k, e in self._entries.items()}
+            docs = {str(k): {"tokens": len(e.ids), "bytes": e.nbytes} for k, e in self._entries.items() if not e.dropped}
             return {
                 "enabled": self.enabled,
                 "documents": len(docs),

@@ -8,23 +8,35 @@ from typing import Any
 from lsprotocol import types
 
 from . import session
+from .acceptance import ACCEPT_COMMAND, SuggestionLog, command_arguments
 from .jsonrpc import plain
 from .session import Outcome
 from .settings import camel, settings_to_wire
 
 
-def inline_items(outcome: Outcome | None, cursor: types.Position, rest: str, encoding_units) -> types.InlineCompletionList:
+def accept_command(log: SuggestionLog, uri: str, outcome: Outcome | None, encoding_units) -> types.Command | None:
+    """The `sdsat.accept` command an item carries (acceptance.py), the item noted as shown."""
+    if outcome is None or outcome.completion is None:
+        return None
+    st = outcome.stats
+    item_id = log.shown(uri, st.get("completionId", st["seq"]), st["seq"], encoding_units(outcome.completion.text),
+                        bool(st.get("typedThrough")))
+    return types.Command(title="sdsat-lsp: accepted", command=ACCEPT_COMMAND, arguments=command_arguments(uri, item_id))
+
+
+def inline_items(outcome: Outcome | None, cursor: types.Position, rest: str, encoding_units,
+                 command: types.Command | None = None) -> types.InlineCompletionList:
     if outcome is None or outcome.completion is None:
         return types.InlineCompletionList(items=[])
     c = outcome.completion
     end = types.Position(line=cursor.line, character=cursor.character + encoding_units(rest[: c.replace_chars]))
     return types.InlineCompletionList(items=[
-        types.InlineCompletionItem(insert_text=c.text, range=types.Range(start=cursor, end=end))
+        types.InlineCompletionItem(insert_text=c.text, range=types.Range(start=cursor, end=end), command=command)
     ])
 
 
 def completion_items(outcome: Outcome | None, cursor: types.Position, rest: str, word: str,
-                     encoding_units) -> types.CompletionList:
+                     encoding_units, command: types.Command | None = None) -> types.CompletionList:
     """The fallback for clients without inline completion: one item that replaces the word before
     the cursor (so the client's prefix filter keeps it) and what the completion replaces after it."""
     if outcome is None or outcome.completion is None:
@@ -40,6 +52,7 @@ def completion_items(outcome: Outcome | None, cursor: types.Position, rest: str,
         filter_text=word + c.text,
         insert_text_format=types.InsertTextFormat.PlainText,
         text_edit=types.TextEdit(range=types.Range(start=start, end=end), new_text=word + c.text),
+        command=command,
     )])
 
 
@@ -72,4 +85,6 @@ def stats_reply(server, params: Any) -> dict:
             "documents": documents, "draftStore": server.drafts.info, "compiled": server.compile_info,
             "eventLoop": {"maxBlockMs": round(server.loop_block_ms, 1)},
             "settings": settings_to_wire(server.settings), "requests": requests, "startup": server.startup,
+            "acceptance": server.suggestions.report(uri), "typedThrough": server.suggestions.total.typed_through,
+            "prefetch": server.prefetched.wire(),
             "positionEncoding": str(server.workspace.position_encoding) if server.protocol.has_workspace else None}

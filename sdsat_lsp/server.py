@@ -19,7 +19,8 @@
 - Positions are UTF-16 unless the client offers UTF-8/UTF-32 (pygls negotiates
   `general.positionEncodings`); offsets inside the server are code points.
 - `sdsat/stats` answers per-request stats (prompt tokens, tokens reused, prefill/decode ms,
-  drafts accepted), the KV cache's contents and the current settings.
+  drafts accepted), the KV cache's contents, the current settings, what was shown and accepted
+  (items carry the `sdsat.accept` command: acceptance.py) and the prefetch's figures.
 
 In the core only this module, `jsonrpc.py` (the repairs of pygls' protocol), `tcp.py` and
 `document.py` import lsprotocol/pygls. The data flow of one keystroke: docs/architecture.md.
@@ -45,19 +46,18 @@ from typing import Any, NoReturn
 from urllib.parse import unquote
 
 from lsprotocol import types
-from pygls.exceptions import JsonRpcInternalError
+from pygls.exceptions import JsonRpcInternalError, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 
-from .completion import complete
+from .acceptance import ACCEPT_COMMAND, SuggestionLog
 from .document import Document, DocumentWorkspace
 from .draftbuild import DraftStoreBuilder
 from .errors import SdsatError
 from .jsonrpc import LenientStdin, Protocol, plain
 from .kvcache import KVCacheStore
 from .loading import load_blocking
-from . import faults, session
-from .prompt import Completion
-from .replies import completion_items, inline_items, stats_reply
+from . import faults, jobs, prefetch, session
+from .replies import accept_command, completion_items, inline_items, stats_reply
 from .session import Documents, Job, Outcome, return_memory
 from .settings import RELOAD_KEYS, Settings, parse_settings
 from .tcp import new_token, parse_address, serve_tcp
@@ -98,6 +98,9 @@ class SdsatServer(LanguageServer):
         self.compile_info: dict = {"state": "off"}  # the compiled forward's state (start_compile)
         self.loop_block_ms = 0.0  # the longest the event loop was late for its watch (see watch_loop)
         self.trim_pending = False  # a return_memory is queued on the worker
+        self.suggestions = SuggestionLog()  # what was shown and accepted (acceptance.py)
+        self.activity = prefetch.Activity()  # requests, edits and settings: a prefetch stops when it moves
+        self.prefetched = prefetch.PrefetchStats()
 
     # -- notifications to the client (always from the event loop thread) --------------------------
 
@@ -142,6 +145,7 @@ class SdsatServer(LanguageServer):
             more = f"; and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
             self.warn_user(f"invalid {source} settings ({shown}{more})")
         old, self.settings = self.settings, new
+        self.activity.bump()
         if self.kv is not None:
             self.kv.set_budget(new.cache_budget_mb * 2**20)
             if new.kv_cache != self.kv.enabled:
@@ -307,7 +311,8 @@ class SdsatServer(LanguageServer):
         text = doc.source
         offset = doc.offset_at_position(position)
         cursor, line_start, line_end = doc.position_at_offset(offset)
-        job = Job(next(self.seq), self.protocol.msg_id, uri, text, offset, self.settings, state)
+        self.activity.bump()
+        job = Job(next(self.seq), self.protocol.msg_id, uri, text, offset, self.settings, state, activity=self.activity.count)
         if state.job is not None:
             state.job.cancel.set()  # cancel-previous: the newest request for a document wins
         state.job = job
@@ -326,41 +331,8 @@ class SdsatServer(LanguageServer):
         return outcome, cursor, text[line_start:offset], text[offset:line_end]
 
     def run_job(self, job: Job) -> Outcome:
-        """On the worker thread: prompt, cache lease, decode, rules. Never raises."""
-        stats: dict[str, Any] = {"seq": job.seq, "requestId": job.request_id, "uri": job.uri,
-                                 "queueMs": round((time.perf_counter() - job.created) * 1e3, 2)}
-        try:
-            completion = self._run_job(job, stats)
-        except Exception as exc:
-            log.exception("[req %s] completion failed", job.request_id)
-            stats.update(finishReason="error", error=f"{type(exc).__name__}: {exc}")
-            completion = None
-        stats["totalMs"] = round((time.perf_counter() - job.created) * 1e3, 2)
-        stats["items"] = int(completion is not None)
-        with self.recent_lock:
-            self.recent.append(stats)
-        log.info("[req %s] %s", job.request_id, " ".join(f"{k}={v}" for k, v in stats.items() if k not in ("uri", "requestId")))
-        return Outcome(completion, stats)
-
-    def _run_job(self, job: Job, stats: dict) -> Completion | None:
-        loaded, kv, s = self.loaded, self.kv, job.settings
-        if job.cancel.is_set() or loaded is None or kv is None:
-            stats["finishReason"] = "cancelled" if job.cancel.is_set() else "not-ready"
-            return None
-        if s.deadline_ms and time.perf_counter() > job.created + s.deadline_ms / 1e3:
-            # It waited in the queue past its deadline (a loaded machine, a burst over many
-            # documents): even one pass would only make the answer later, and every job behind it too.
-            stats.update(finishReason="deadline", forwardPasses=0)
-            return None
-        result = complete(loaded, s, job.text, job.offset, keep=job.doc.window_head, kv=kv, uri=job.uri,
-                          draft_store=self.drafts.store, cancel=job.cancel.is_set,
-                          deadline=job.created + s.time_budget_ms / 1e3 if s.time_budget_ms else None,
-                          hard_deadline=job.created + s.deadline_ms / 1e3 if s.deadline_ms else None)
-        job.doc.window_head = result.prompt.window_head
-        if job.doc.closed:  # closed while this ran: its cache, stored just now, goes too
-            kv.drop(job.uri)
-        stats.update(result.stats)
-        return result.completion
+        """On the worker thread: type through or decode, then prefetch (jobs.py). Never raises."""
+        return jobs.run_job(self, job)
 
     def return_memory_soon(self) -> None:
         """`session.return_memory` on the worker (after the job under way), once however many
@@ -392,6 +364,27 @@ def _version() -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Handlers: get the document, call the pipeline, convert, return.
+
+
+async def on_completion(ls: SdsatServer, params: types.CompletionParams) -> types.CompletionList:
+    """The same completion as a popup item (registered by on_initialize, only for clients without
+    inline completion)."""
+    done = await ls.complete(params.text_document.uri, params.position)
+    if done is None:
+        return types.CompletionList(is_incomplete=True, items=[])
+    outcome, cursor, before, rest = done
+    word = re.search(r"\w*$", before).group(0)
+    units = ls.workspace.position_codec.client_num_units
+    return completion_items(outcome, cursor, rest, word, units,
+                            accept_command(ls.suggestions, params.text_document.uri, outcome, units))
+
+
+def on_accept(ls: SdsatServer, *arguments: Any) -> dict:
+    """`sdsat.accept`: an item (or part of it) was accepted, as the client reports (acceptance.py)."""
+    try:
+        return ls.suggestions.accept(plain(list(arguments)))
+    except ValueError as exc:
+        raise JsonRpcInvalidParams(str(exc)) from None
 
 
 def build_server(cli_settings: Settings | None = None) -> SdsatServer:
@@ -426,16 +419,8 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
         if done is None:
             return types.InlineCompletionList(items=[])
         outcome, cursor, _, rest = done
-        return inline_items(outcome, cursor, rest, ls.workspace.position_codec.client_num_units)
-
-    async def on_completion(ls: SdsatServer, params: types.CompletionParams) -> types.CompletionList:
-        """The same completion as a popup item (registered only for clients without inline completion)."""
-        done = await ls.complete(params.text_document.uri, params.position)
-        if done is None:
-            return types.CompletionList(is_incomplete=True, items=[])
-        outcome, cursor, before, rest = done
-        word = re.search(r"\w*$", before).group(0)
-        return completion_items(outcome, cursor, rest, word, ls.workspace.position_codec.client_num_units)
+        units = ls.workspace.position_codec.client_num_units
+        return inline_items(outcome, cursor, rest, units, accept_command(ls.suggestions, params.text_document.uri, outcome, units))
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
     async def on_configuration(ls: SdsatServer, params: types.DidChangeConfigurationParams) -> None:
@@ -453,11 +438,13 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
     @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
     def on_change(ls: SdsatServer, params: types.DidChangeTextDocumentParams) -> None:
         """pygls has applied the edits; the cache keeps its longest common prefix with the next prompt."""
+        ls.activity.bump()  # a prefetch under way stops at its next pass
 
     @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     def on_close(ls: SdsatServer, params: types.DidCloseTextDocumentParams) -> None:
         """Cancel the document's work and free its KV cache."""
         uri = params.text_document.uri
+        ls.activity.bump()
         freed = ls.docs.close(uri, ls.kv)
         log.info("closed %s: freed %d bytes of KV cache", uri, freed)
         ls.return_memory_soon()
@@ -466,6 +453,8 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
     def on_stats(ls: SdsatServer, params: Any = None) -> dict:
         """Per-request stats, the KV cache's contents, settings and state."""
         return ls.stats_report(params)
+
+    server.command(ACCEPT_COMMAND)(on_accept)
 
     @server.feature(types.SHUTDOWN)
     def on_shutdown(ls: SdsatServer, params: Any = None) -> None:

@@ -41,6 +41,7 @@ class DocumentState:
     window_head: str | None = None  # where the last prompt window started (prompt.build_prompt's `keep`)
     closed: bool = False  # closed or forgotten: a job still running for it must not leave a KV entry behind
     too_big_logged: bool = False  # the "too big for completion" line was logged for this document
+    continuation: Any = None  # typethrough.Continuation: the last decode, set on the worker
 
 
 @dataclass
@@ -56,6 +57,9 @@ class Job:
     doc: DocumentState = field(default_factory=DocumentState)
     created: float = field(default_factory=time.perf_counter)
     cancel: threading.Event = field(default_factory=threading.Event)
+    # The server's count of requests, edits and settings changes when this one came: the prefetch
+    # after it stops once that count moves (jobs.prefetch_soon).
+    activity: int = 0
 
 
 @dataclass

@@ -48,6 +48,9 @@ class Settings:
     # until then; cached on disk). The environment's SDSAT_LSP_COMPILE=0 changes this default.
     compile: bool = os.environ.get("SDSAT_LSP_COMPILE", "1") != "0"
     cache_budget_mb: int = 512  # KV cache memory across documents (LRU eviction)
+    # After an answer, decode on while idle, up to this many tokens (to the end of the next line),
+    # into the document's KV cache, so that the next suggestion is ready (prefetch.py); 0 = off.
+    prefetch_tokens: int = 32
     enabled: bool = True
 
 
@@ -61,6 +64,7 @@ _RANGES = {
     # something (16 TiB was accepted). editors/vscode/package.json declares the same maximum
     # (tests/test_editor_settings.py keeps every declared range equal to the server's).
     "cache_budget_mb": (0, 65536),
+    "prefetch_tokens": (0, 4096),
 }
 
 

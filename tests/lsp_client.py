@@ -120,6 +120,19 @@ class Session:
     async def last_request(self, uri: str) -> dict:
         return (await self.stats(uri=uri, last=1))["requests"][-1]
 
+    async def execute(self, command: str, arguments: list | None):
+        """workspace/executeCommand, as a client runs an item's command."""
+        return plain(await asyncio.wait_for(self.client.workspace_execute_command_async(
+            types.ExecuteCommandParams(command=command, arguments=arguments)), 30))
+
+    async def prefetched(self, timeout: float = 30) -> dict:
+        """Stats once no prefetch is queued or under way (the server queues one before it answers)."""
+        deadline = time.perf_counter() + timeout
+        while (stats := await self.stats(last=0))["prefetch"]["pending"]:
+            assert time.perf_counter() < deadline, "the prefetch never ended"
+            await asyncio.sleep(0.05)
+        return stats
+
     def raw_notify(self, method: str, params: bytes) -> None:
         """Write a message as raw bytes, past the client's type checks and JSON encoder."""
         body = b'{"jsonrpc": "2.0", "method": "%s", "params": %s}' % (method.encode(), params)

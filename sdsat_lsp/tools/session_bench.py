@@ -9,8 +9,9 @@ so latency is the client-side wall time of each. The same session runs twice: wi
 per-document KV cache and without it (`kvCache: false`).
 
 Figures: `p50_ms`, `p95_ms`, `reprefill_fraction` (tokens prefilled / prompt tokens, summed over
-requests, from the server's `sdsat/stats`), `requests`, `cancelled`, and `nocache_p50_ms`,
-`nocache_p95_ms`, `nocache_reprefill_fraction`.
+requests, from the server's `sdsat/stats`), `requests`, `cancelled`, `typed_through` (requests
+answered with no model pass: the text typed was the suggestion's start), and `nocache_p50_ms`,
+`nocache_p95_ms`, `nocache_reprefill_fraction`, `nocache_typed_through`.
 
 The bench CLI can call `run_editor_session(path, model=..., json_out=...)`.
 """
@@ -150,6 +151,7 @@ async def _run_once(path: Path, settings: dict, server_cmd: list[str], timeout: 
         "reprefill_fraction": round(prefilled / prompt, 4) if prompt else 0.0,
         "requests": len(latencies),
         "cancelled": sum(1 for r in reqs if r.get("finishReason") == "cancelled"),
+        "typed_through": sum(1 for r in reqs if r.get("typedThrough")),
         "prompt_tokens": prompt,
         "prefill_tokens": prefilled,
         "server_p50_ms": round(statistics.median([r["totalMs"] for r in reqs]), 1) if reqs else 0.0,
@@ -170,10 +172,10 @@ def run_editor_session(file: str | Path, *, model: str | None = None, settings: 
     cmd = [sys.executable, "-m", "sdsat_lsp.cli", "--stdio"]
     cached = asyncio.run(_run_once(path, {**base, "kvCache": True}, cmd, timeout))
     uncached = asyncio.run(_run_once(path, {**base, "kvCache": False}, cmd, timeout))
-    result = {k: cached[k] for k in ("p50_ms", "p95_ms", "reprefill_fraction", "requests", "cancelled")}
+    result = {k: cached[k] for k in ("p50_ms", "p95_ms", "reprefill_fraction", "requests", "cancelled", "typed_through")}
     result.update(
         nocache_p50_ms=uncached["p50_ms"], nocache_p95_ms=uncached["p95_ms"],
-        nocache_reprefill_fraction=uncached["reprefill_fraction"],
+        nocache_reprefill_fraction=uncached["reprefill_fraction"], nocache_typed_through=uncached["typed_through"],
         file=str(path), file_tokens_prompted=cached["prompt_tokens"], server_p50_ms=cached["server_p50_ms"],
         mean_drafts_accepted=cached["mean_drafts_accepted"], model=cached["model"], settings=base,
         latencies_ms=cached["latencies_ms"], nocache_latencies_ms=uncached["latencies_ms"], compiled=cached["compiled"],
