@@ -256,20 +256,19 @@ async def test_the_endpoint_down_then_back(remote, fake, tiny_lm):
 
 async def test_a_slow_endpoint_is_an_error_and_never_blocks_the_server(remote, fake, tiny_lm):
     reset(fake, tiny_lm[1])
-    fake.delay_s = 1.5  # before every token: nothing by the 300 ms deadline
+    fake.delay_s = 3.0  # before every token: nothing by the 1 s deadline
     uri = "file:///remote-slow.py"
     remote.open(uri, DOC)
-    remote.configure({"deadlineMs": 300})
+    remote.configure({"deadlineMs": 1000})
     try:
         since = len(remote.statuses)
         future = asyncio.ensure_future(remote.inline(uri, LINE, COLUMN))
         await asyncio.sleep(0.1)
-        started = time.perf_counter()
-        await remote.stats()  # answered while the completion waits on the endpoint
-        assert time.perf_counter() - started < 0.5
+        await remote.stats()
+        assert not future.done(), "sdsat/stats is answered while the completion waits on the endpoint"
         assert not (await future).items
         error = await status_after(remote, since, "error")
-        assert "no token within the 300 ms deadline" in error["message"], error
+        assert "no token within the 1000 ms deadline" in error["message"], error
     finally:
         remote.configure({"deadlineMs": BASE_OPTIONS["deadlineMs"]})
         reset(fake, tiny_lm[1])
