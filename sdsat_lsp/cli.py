@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from .backends import BACKENDS
 from .errors import SdsatError
 
 
@@ -51,6 +52,12 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--model", help="server: model folder or hub id (default: the embedded model)")
     parser.add_argument("--quantize", help="server: auto | none | nf4 | int8 | dynamic-int8")
     parser.add_argument("--device", help="server: auto | cpu | cuda | cuda:N")
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help="server: where completions are decoded: local (default) | vllm | openai (an "
+                             "OpenAI-compatible completions endpoint at --backend-url serving --model)")
+    parser.add_argument("--backend-url", help="server: the endpoint of --backend vllm/openai, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--backend-model", help="server: the name the endpoint serves the model under "
+                                                "(default: the only one it lists)")
     sub = parser.add_subparsers(dest="command")
     if tools:
         for name in TOOLS:

@@ -27,12 +27,18 @@ def run_job(server, job: Job) -> Outcome:
         log.exception("[req %s] completion failed", job.request_id)
         stats.update(finishReason="error", error=f"{type(exc).__name__}: {exc}")
         completion = None
+    outcome = record(server, job, stats, completion)
+    prefetch_soon(server, job)
+    return outcome
+
+
+def record(server, job: Job, stats: dict, completion: Completion | None) -> Outcome:
+    """The request's figures into `sdsat/stats` and the log (also backends/remote.py's)."""
     stats["totalMs"] = round((time.perf_counter() - job.created) * 1e3, 2)
     stats["items"] = int(completion is not None)
     with server.recent_lock:
         server.recent.append(stats)
     log.info("[req %s] %s", job.request_id, " ".join(f"{k}={v}" for k, v in stats.items() if k not in ("uri", "requestId")))
-    prefetch_soon(server, job)
     return Outcome(completion, stats)
 
 

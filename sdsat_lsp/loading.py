@@ -16,7 +16,12 @@ log = logging.getLogger(__name__)
 
 def load_blocking(settings: Settings, report) -> tuple[Any, KVCacheStore]:
     """Import torch/transformers, load the model, build its KV cache store, warm up.
-    `report(message, percentage)` tells the client how far it got."""
+    `report(message, percentage)` tells the client how far it got. For a remote backend
+    (backends/remote.py): its tokenizer and the endpoint checked, and no KV cache store (None)."""
+    if settings.backend != "local":
+        from .backends.remote import load_remote
+
+        return load_remote(settings, report), None
     report("importing torch", 5)
     faults.before_loading()
     started = time.perf_counter()

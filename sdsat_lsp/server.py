@@ -154,9 +154,9 @@ class SdsatServer(LanguageServer):
                     self.kv.clear()
         if self.state != "starting" and any(getattr(old, k) != getattr(new, k) for k in RELOAD_KEYS):
             self.start_loading()
-        elif self.loaded is not None and old.draft_store != new.draft_store:
+        elif self.kv is not None and old.draft_store != new.draft_store:
             self.start_draft_store()
-        if self.state != "starting" and self.loaded is not None and old.compile != new.compile and not any(
+        if self.state != "starting" and self.kv is not None and old.compile != new.compile and not any(
                 getattr(old, k) != getattr(new, k) for k in RELOAD_KEYS):
             self.start_compile()
 
@@ -253,8 +253,9 @@ class SdsatServer(LanguageServer):
                    f"k={loaded.card.k}, loaded in {loaded.load_ms:.0f} ms")
         self.log_to_client(f"sdsat-lsp: {message}")
         self.set_state("ready", message)
-        self.start_draft_store()
-        self.start_compile()
+        if kv is not None:  # None: a remote backend (backends/remote.py) decodes; no draft store, no compile
+            self.start_draft_store()
+            self.start_compile()
 
     def retire_model(self) -> None:
         """Drop the model and its caches. Freeing them takes most of a second on a busy CPU:
@@ -317,8 +318,9 @@ class SdsatServer(LanguageServer):
             state.job.cancel.set()  # cancel-previous: the newest request for a document wins
         state.job = job
         loop = asyncio.get_running_loop()
+        remote = getattr(self.loaded, "run_remote", None)  # backends/remote.py: an endpoint decodes
         try:
-            outcome = await loop.run_in_executor(self.worker, self.run_job, job)
+            outcome = await (remote(self, job) if remote else loop.run_in_executor(self.worker, self.run_job, job))
         except asyncio.CancelledError:
             job.cancel.set()  # $/cancelRequest: stop decoding at the next forward pass
             raise
@@ -469,7 +471,7 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
 def serve(args) -> int:
     """Run the server over stdio (default) or TCP (`--tcp HOST:PORT`)."""
     cli = Settings()
-    for name in ("model", "quantize", "device", "dtype"):
+    for name in ("model", "quantize", "device", "dtype", "backend", "backend_url", "backend_model"):
         value = getattr(args, name, None)
         if value:
             cli = dataclasses.replace(cli, **{name: value})

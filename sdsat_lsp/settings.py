@@ -8,11 +8,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .backends import BACKENDS
 from .decoding import DRAFT_LENGTHS, LOOKUP_NGRAM, TREE_NODES
 from .decoding import MODES as DECODING_MODES
 from .prompt import LINE_MODES
 
-RELOAD_KEYS = ("model", "quantize", "device", "dtype", "threads")  # changing these reloads the model
+# Changing these reloads the model (or, for a remote backend, the tokenizer and the endpoint's checks).
+RELOAD_KEYS = ("model", "quantize", "device", "dtype", "threads", "backend", "backend_url", "backend_model")
 
 
 @dataclass
@@ -52,9 +54,14 @@ class Settings:
     # into the document's KV cache, so that the next suggestion is ready (prefetch.py); 0 = off.
     prefetch_tokens: int = 32
     enabled: bool = True
+    # Where completions are decoded (backends/): local (this process) | vllm | openai (an
+    # OpenAI-compatible completions endpoint at backendUrl serving the model named by `model`).
+    backend: str = "local"
+    backend_url: str = ""  # the endpoint's base URL, e.g. http://127.0.0.1:8000 (with or without /v1)
+    backend_model: str = ""  # the name the endpoint serves the model under; "" = the only one it lists
 
 
-_CHOICES = {"mode": DECODING_MODES, "line_mode": LINE_MODES, "draft_length": DRAFT_LENGTHS}
+_CHOICES = {"backend": BACKENDS, "mode": DECODING_MODES, "line_mode": LINE_MODES, "draft_length": DRAFT_LENGTHS}
 _RANGES = {
     "threads": (0, 1024), "k": (0, 64), "lookup_ngram": (0, 16), "tree_nodes": (0, 64), "max_tokens": (1, 4096), "time_budget_ms": (0, 600_000),
     "deadline_ms": (0, 600_000),
