@@ -225,6 +225,10 @@ class SdsatServer(LanguageServer):
                 self.work_done_progress.report(token, types.WorkDoneProgressReport(message=message, percentage=percentage))
 
         loop = asyncio.get_running_loop()
+        # Importing torch and transformers makes ~360,000 long-lived objects; each full collection
+        # meanwhile walked them all (200-600 ms, every thread stopped). None runs while loading;
+        # after it what exists is frozen (left out of collections; a retired model left no cycles).
+        gc.disable()
         try:
             loaded, kv = await loop.run_in_executor(self.worker, load_blocking, settings,
                                                        lambda m, p: self.from_worker(report, m, p))
@@ -240,15 +244,13 @@ class SdsatServer(LanguageServer):
             self.warn_user(f"loading the model failed: {type(exc).__name__}: {exc}", types.MessageType.Error)
             return
         finally:
+            gc.freeze()
+            gc.enable()
             if token is not None:
                 self.work_done_progress.end(token, types.WorkDoneProgressEnd(message="done"))
         if self.settings is not settings and any(getattr(self.settings, k) != getattr(settings, k) for k in RELOAD_KEYS):
             return  # superseded by a newer configuration; its own load is under way
         self.loaded, self.kv = loaded, kv
-        # torch, transformers and the model leave ~360,000 long-lived objects that every full
-        # collection walked again: 250-850 ms on a busy CPU, with every thread stopped (the stress
-        # run's event-loop stalls). Frozen, they are left out; later objects are collected as ever.
-        gc.freeze()
         message = (f"{loaded.ref} ready: {loaded.quantize}, {loaded.dtype} on {loaded.device}, "
                    f"k={loaded.card.k}, loaded in {loaded.load_ms:.0f} ms")
         self.log_to_client(f"sdsat-lsp: {message}")
@@ -262,7 +264,6 @@ class SdsatServer(LanguageServer):
         the last references go on the worker (after the job under way), not on the event loop."""
         retired = [self.loaded, self.kv]
         self.loaded, self.kv = None, None
-        gc.unfreeze()  # the retired model's objects may be in cycles: collectable again
         try:
             self.worker.submit(retired.clear)
         except RuntimeError:  # shut down
