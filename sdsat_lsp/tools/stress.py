@@ -665,7 +665,7 @@ class Run:
             if state != "ready":
                 raise SdsatError(f"the server did not get ready ({state}): {self.conn.stderr_tail(1500)}")
             load_s = time.perf_counter() - self.started
-            self.rss_ready = self.rss()
+            self.rss_ready = await self.rss_settled()
             await storm.open_documents()
             storm_started = time.perf_counter()
             while self.storm_requests() < opts.requests:
@@ -696,6 +696,19 @@ class Run:
             return psutil.Process(self.conn.proc.pid).memory_info().rss
         except (psutil.Error, AttributeError):
             return 0
+
+    async def rss_settled(self, timeout: float = 180.0) -> int:
+        """The RSS once the draft store and the compiled forward (built beside the worker after
+        the model is ready) are done: the baseline that closing every document should return to."""
+        until = time.perf_counter() + timeout
+        while time.perf_counter() < until:
+            stats = await _stats(self.conn)
+            busy = {"building", "compiling"} & {(stats.get("draftStore") or {}).get("state"),
+                                                 (stats.get("compiled") or {}).get("state")}
+            if not busy:
+                break
+            await asyncio.sleep(1.0)
+        return self.rss()
 
     async def rss_after_closing(self, storm: Storm) -> int:
         """The server's RSS once every document is closed: what closing gives back (the server
@@ -779,7 +792,7 @@ class Run:
             "unexpected_responses": t.unexpected_responses,
             "stdout_garbage": t.stdout_garbage,
             "max_rss_mb": round(t.max_rss / 2**20, 1),
-            "rss_ready_mb": round(self.rss_ready / 2**20, 1),  # model loaded, no document open yet
+            "rss_ready_mb": round(self.rss_ready / 2**20, 1),  # model, draft store and compiled step ready, no document
             "rss_after_close_mb": round(self.rss_closed / 2**20, 1),  # after the run, every document closed
             "max_request_ms": round(t.max_request_ms, 1),
             "max_event_loop_block_ms": round(t.max_loop_block_ms, 1),
