@@ -90,13 +90,14 @@ def complete(loaded, s: Settings, text: str, offset: int, *, keep: str | None = 
     window still while it fits). `mode`: the decoding mode instead of the settings' ("ar" for the
     reference). `kv`: a kvcache.KVCacheStore whose entry for `uri` is reused and updated.
     `draft_store`, `cancel`, `deadline` and `hard_deadline`: as `engine.generate` takes them."""
+    from .kvshift import cache_shift
     from .sampling import Sampling
 
     prompt, k, card_mode = request_prompt(loaded, s, model_text(text), offset, keep=keep)
     mode = mode or card_mode
     rules = Rules(prompt.context)
     mp = heal_prompt(loaded.tokenizer, prompt.ids, s.token_healing)
-    lease = kv.acquire(uri, mp.ids) if kv is not None else None
+    lease = kv.acquire(uri, mp.ids, shift=cache_shift(loaded.model, s.cache_shift)) if kv is not None else None
     try:
         gen = decode(
             loaded.model, mp, mode=mode, k=k, adaptive_ids=loaded.card.adaptive_ids, max_new_tokens=s.max_tokens,
@@ -118,9 +119,12 @@ def complete(loaded, s: Settings, text: str, offset: int, *, keep: str | None = 
 
 def _stats(gen, mp: ModelPrompt, prompt: Prompt, lease, mode: str, k: int) -> dict[str, Any]:
     st = gen.stats
+    # Tokens a cache shift fed (the edited span) were prefilled, not reused; its time is prefill time.
+    fed, shift_ms = (lease.fed, lease.shift_ms) if lease is not None else (0, 0.0)
     return dict(
-        promptTokens=len(mp.ids), healed=mp.healed, reusedTokens=st.reused_tokens, prefillTokens=st.prefill_tokens,
-        cachedBefore=lease.cached_before if lease is not None else 0, prefillMs=round(st.prefill_ms, 2),
+        promptTokens=len(mp.ids), healed=mp.healed, reusedTokens=st.reused_tokens - fed,
+        prefillTokens=st.prefill_tokens + fed, shiftedTokens=lease.shifted if lease is not None else 0,
+        cachedBefore=lease.cached_before if lease is not None else 0, prefillMs=round(st.prefill_ms + shift_ms, 2),
         decodeMs=round(st.wall_ms - st.prefill_ms, 2), newTokens=st.new_tokens, forwardPasses=st.forward_passes,
         draftsAccepted=st.drafts_accepted, draftsVerified=st.drafts_verified, lookupAccepted=st.lookup_accepted,
         storeAccepted=st.store_accepted, storePasses=st.store_passes,
