@@ -176,7 +176,9 @@ def rope_shift(model) -> tuple[RopeShift | None, str]:
         buffer = getattr(rotary, "inv_freq", None)
         if buffer is None or getattr(rotary, "attention_scaling", 1.0) != 1.0:
             inv_freq, reason = None, "no rotary embedding with plain scaling found in the model"
-        elif buffer.shape != inv_freq.shape or not torch.allclose(buffer.float().cpu(), inv_freq, rtol=1e-5, atol=0):
+        elif buffer.shape != inv_freq.shape or not torch.allclose(
+                buffer.float().cpu(), inv_freq, rtol=max(1e-5, 2 * torch.finfo(buffer.dtype).eps), atol=0):
+            # (A model cast to bfloat16 holds its frequencies rounded to it: that is not a mismatch.)
             inv_freq, reason = None, "the model's rotary frequencies are not what its config says"
         else:
             inv_freq = buffer  # the frequencies the forward uses, to the bit

@@ -94,6 +94,26 @@ def test_rotated_keys_equal_keys_computed_at_the_new_positions(family, extra, ol
                           atol=1e-4)
 
 
+def test_a_bfloat16_model_shifts_within_its_rounding():
+    """A model cast to bfloat16 holds its rotary frequencies in bfloat16 (not refused for that), and
+    the first layer's rotated keys are within 2 bfloat16 steps of keys computed at the new positions
+    (they are rounded once more than the fresh ones)."""
+    model = _model("llama").to(torch.bfloat16)
+    rope, reason = rope_shift(model)
+    assert rope is not None, reason
+    ids = list(range(10, 90))
+    shifted, fresh = GrowableCache(config=model.config), GrowableCache(config=model.config)
+    forward(model, shifted, ids, range(len(ids)))
+    forward(model, fresh, ids, range(37, 37 + len(ids)))
+    with torch.inference_mode():
+        rotated = rope.rotate(shifted.layers[0].keys, 0, 37)
+        expected = fresh.layers[0].keys.float()
+    assert rotated.dtype == torch.bfloat16
+    step = torch.finfo(torch.bfloat16).eps * expected.abs().max().item()
+    assert (rotated.float() - expected).abs().max().item() <= 2 * step
+    assert (shifted.layers[0].keys.float() - expected).abs().max().item() > 20 * step  # not a no-op
+
+
 @pytest.mark.parametrize("extra, why", [
     ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}, "rope type 'dynamic'"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
