@@ -283,3 +283,21 @@ def test_decoding_from_a_shifted_cache_is_greedy_identical(lm, mode):
         outputs[run] = generate(model, new, mode=run, k=4, adaptive_ids=[adaptive_id], max_new_tokens=24, eos_ids=[],
                                 cache=lease.cache).tokens
     assert outputs[mode] == outputs["ar"] and len(outputs["ar"]) == 24
+
+
+def test_a_shift_that_fails_forgets_the_cache(lm):
+    """A shift that raises leaves the cache in an unknown state: the store forgets it, and the
+    next request starts from nothing."""
+    _, tokenizer, _, make = lm
+    old, new = _edited(tokenizer)
+    store = KVCacheStore(make)
+    _prime(store, lm, old)
+
+    def broken(cache, cached_ids, prompt_ids, keep):
+        cache.crop(-3)
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        store.acquire("doc", new, shift=broken)
+    assert store.cached_ids("doc") == [] and store.total_bytes == 0
+    assert store.acquire("doc", new).reused == 0
