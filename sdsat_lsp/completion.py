@@ -112,12 +112,13 @@ def complete(loaded, s: Settings, text: str, offset: int, *, keep: str | None = 
     reference). `kv`: a kvcache.KVCacheStore whose entry for `uri` is reused and updated.
     `draft_store`, `cancel`, `deadline` and `hard_deadline`: as `engine.generate` takes them.
     `prepared`: `prepare(loaded, s, text, offset, keep)` when the caller has it already."""
+    from .kvshift import cache_shift
     from .sampling import Sampling
 
     p = prepared or prepare(loaded, s, text, offset, keep)
     prompt, k, mp, rules = p.prompt, p.k, p.model_prompt, p.rules
     mode = mode or p.mode
-    lease = kv.acquire(uri, mp.ids) if kv is not None else None
+    lease = kv.acquire(uri, mp.ids, shift=cache_shift(loaded.model, s.cache_shift)) if kv is not None else None
     try:
         gen = decode(
             loaded.model, mp, mode=mode, k=k, adaptive_ids=loaded.card.adaptive_ids, max_new_tokens=s.max_tokens,
@@ -132,18 +133,21 @@ def complete(loaded, s: Settings, text: str, offset: int, *, keep: str | None = 
         raise
     if lease is not None:
         kv.release(lease, gen.cache_ids)
-    stats = stats_of(gen, mp, prompt, lease.cached_before if lease is not None else 0, mode, k)
+    stats = stats_of(gen, mp, prompt, lease.cached_before if lease is not None else 0, mode, k, lease)
     completion = None if gen.finish_reason == "cancelled" else rules.finish(mp.decode(gen.tokens))
     return Result(completion, stats, prompt, mp, gen)
 
 
-def stats_of(gen, mp: ModelPrompt, prompt: Prompt, cached_before: int, mode: str, k: int) -> dict[str, Any]:
+def stats_of(gen, mp: ModelPrompt, prompt: Prompt, cached_before: int, mode: str, k: int, lease=None) -> dict[str, Any]:
     """A request's figures as `sdsat/stats` reports them (`cached_before`: tokens the document's KV
-    cache held before it)."""
+    cache held before it; `lease`: the KV store's, for what a cache shift did)."""
     st = gen.stats
+    # Tokens a cache shift fed (the edited span) were prefilled, not reused; its time is prefill time.
+    fed, shift_ms = (lease.fed, lease.shift_ms) if lease is not None else (0, 0.0)
     return dict(
-        promptTokens=len(mp.ids), healed=mp.healed, reusedTokens=st.reused_tokens, prefillTokens=st.prefill_tokens,
-        cachedBefore=cached_before, prefillMs=round(st.prefill_ms, 2),
+        promptTokens=len(mp.ids), healed=mp.healed, reusedTokens=st.reused_tokens - fed,
+        prefillTokens=st.prefill_tokens + fed, shiftedTokens=lease.shifted if lease is not None else 0,
+        cachedBefore=cached_before, prefillMs=round(st.prefill_ms + shift_ms, 2),
         decodeMs=round(st.wall_ms - st.prefill_ms, 2), newTokens=st.new_tokens, forwardPasses=st.forward_passes,
         draftsAccepted=st.drafts_accepted, draftsVerified=st.drafts_verified, lookupAccepted=st.lookup_accepted,
         storeAccepted=st.store_accepted, storePasses=st.store_passes,

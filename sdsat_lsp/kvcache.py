@@ -11,6 +11,11 @@ it changes, and nothing before it.
 After generation the cache keeps the generated continuation too: a user who accepts a suggestion
 sends a prompt that extends the old prompt by those tokens, which is then a cache hit.
 
+Optionally (`acquire`'s `shift`, kvshift.py) the cached KV of text after an edit is kept too, its
+positions shifted: an approximation, since that KV was computed before the edit (kvshift.py says
+exactly what is and is not exact). The lease then counts the shifted tokens and the tokens the shift
+fed itself (the edited span).
+
 Memory: caches are counted by the bytes of the tensor storage they hold; after each release the
 least recently used documents are evicted until the total is within the budget. A cache that alone
 exceeds the budget is not kept.
@@ -85,6 +90,9 @@ class Lease:
     cache: object
     reused: int  # prompt tokens whose KV the cache already holds
     cached_before: int  # tokens the document's cache held before this request
+    shifted: int = 0  # of `reused`, tokens kept by shifting their positions (kvshift.py)
+    fed: int = 0  # of `reused`, tokens the shift fed to the model (edited spans), not found in the cache
+    shift_ms: float = 0.0
 
 
 class KVCacheStore:
@@ -100,10 +108,14 @@ class KVCacheStore:
 
     # -- the request path -------------------------------------------------------------------------
 
-    def acquire(self, key: Hashable, prompt_ids: Sequence[int]) -> Lease:
+    def acquire(self, key: Hashable, prompt_ids: Sequence[int], shift: Callable | None = None) -> Lease:
         """Lend `key`'s cache cropped to its longest common prefix with `prompt_ids` (a new, empty
         cache when there is none or the store is disabled). Pass the result to the engine, then
-        hand it back with `release` (or `discard` if generation failed)."""
+        hand it back with `release` (or `discard` if generation failed).
+
+        `shift` (a kvshift.CacheShift): called as `shift(cache, cached_ids, prompt_ids, keep)` when
+        the prompt leaves the cache at `keep`; it may rebuild more of the prompt from the cache after
+        the change (returning a kvshift.Shifted) or leave the cache alone (None)."""
         with self._lock:
             entry = self._entries.get(key) if self.enabled else None
             if entry is None or entry.lent:
@@ -114,6 +126,16 @@ class KVCacheStore:
         cached_before = cache_len(entry.cache)
         assert cached_before == len(entry.ids), "cache and ids out of step"
         keep = common_prefix_len(entry.ids, prompt_ids)
+        shifted = None
+        if shift is not None and keep < min(cached_before, len(prompt_ids) - 1):
+            try:
+                shifted = shift(entry.cache, entry.ids, prompt_ids, keep)
+            except BaseException:
+                self.discard(Lease(key, entry.cache, 0, cached_before))  # its state is unknown
+                raise
+        if shifted is not None:
+            entry.ids = list(prompt_ids[:shifted.held])
+            return Lease(key, entry.cache, shifted.held, cached_before, shifted.shifted, shifted.fed, shifted.ms)
         entry.cache.crop(keep - cached_before)  # crop takes minus the tokens to remove; 0 is a no-op
         entry.ids = list(prompt_ids[:keep])
         return Lease(key, entry.cache, keep, cached_before)

@@ -46,6 +46,11 @@ class Settings:
     top_p: float = 1.0
     seed: int = -1  # sampling seed; -1 = random
     kv_cache: bool = True  # per-document KV cache reuse (off: re-prefill every prompt)
+    # After an edit above the cursor, keep the cached KV of the unchanged text after it, positions
+    # shifted (RoPE), in chunks of at least this many tokens; 0 = off (re-prefill from the edit on).
+    # An approximation: that KV was computed before the edit, so a completion can differ from a
+    # fresh prefill's (kvshift.py; how often: docs/decoding.md).
+    cache_shift: int = 0
     # The compiled forward (compiled.py), compiled in the background once the model is ready (eager
     # until then; cached on disk). The environment's SDSAT_LSP_COMPILE=0 changes this default.
     compile: bool = os.environ.get("SDSAT_LSP_COMPILE", "1") != "0"
@@ -72,6 +77,7 @@ _RANGES = {
     # (tests/test_editor_settings.py keeps every declared range equal to the server's).
     "cache_budget_mb": (0, 65536),
     "prefetch_tokens": (0, 4096),
+    "cache_shift": (0, 1 << 16),
 }
 
 

@@ -52,7 +52,35 @@ async def test_edit_before_cursor_invalidates_from_there_only(main_server, tiny_
     lcp = common_prefix_len(before, after)
     assert 10 < lcp < len(after) - 20
     assert s["reusedTokens"] == lcp and s["prefillTokens"] == len(after) - lcp
+    assert s["shiftedTokens"] == 0  # cacheShift is off by default
     main_server.close(uri)
+
+
+async def test_edit_above_the_cursor_shifts_the_cache_when_asked(main_server, tiny_lm):
+    """With cacheShift, the same edit re-feeds only the edited span and the prompt's last token: the
+    KV of the text between the edit and the cursor is kept, its positions shifted (kvshift.py)."""
+    tokenizer = tiny_lm[1]
+    fim = {"prefix": 5, "middle": 6, "suffix": 7}
+    uri = "file:///shift.py"
+    line, column = 17, 14
+    main_server.open(uri, DOC)
+    main_server.configure({"cacheShift": 8})
+    try:
+        await main_server.inline(uri, line, column)
+        before = healed_ids(tokenizer, build_prompt(DOC, offset_of(DOC, line, column), tokenizer, max_tokens=256, fim_ids=fim).ids)
+        main_server.change(uri, (4, 14), (4, 19), "level")
+        edited = DOC.replace("depth=0", "level=0", 1)
+        await main_server.inline(uri, line, column)
+        after = healed_ids(tokenizer, build_prompt(edited, offset_of(edited, line, column), tokenizer, max_tokens=256, fim_ids=fim).ids)
+        s = await main_server.last_request(uri)
+        lcp = common_prefix_len(before, after)
+        tail = next(n for n in range(len(after)) if before[-1 - n] != after[-1 - n])  # unchanged after the edit
+        assert tail > 40
+        assert s["shiftedTokens"] == tail - 1 and s["reusedTokens"] == lcp + tail - 1
+        assert s["prefillTokens"] == len(after) - lcp - (tail - 1) == s["promptTokens"] - s["reusedTokens"]
+    finally:
+        main_server.configure({"cacheShift": 0})
+        main_server.close(uri)
 
 
 async def test_did_close_frees_memory(main_server):
