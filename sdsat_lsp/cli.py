@@ -23,7 +23,7 @@ TOOL_MODULES = {
     "eval": (".tools.evaluate", "completion quality on held-out code (exact match, edit similarity)"),
     "stress": (".tools.stress", "drive the server over stdio with valid and hostile traffic; nothing may be lost"),
     "draft-store": (".tools.distill", "build a model's draft store (retrieval drafts) ahead of time; cached"),
-    "corpus": (".corpus", "token shards and a manifest from the standard library and the venv's package sources"),
+    "corpus": (".training.corpus", "token shards and a manifest from the standard library and the venv's package sources"),
 }
 
 
