@@ -92,6 +92,8 @@ class SdsatServer(LanguageServer):
         self.recent_lock = threading.Lock()  # iterating a deque while another thread appends raises
         self.seq = itertools.count(1)
         self.loop: asyncio.AbstractEventLoop | None = None
+        # watch_loop's task, from initialize: held, as asyncio keeps only a weak reference to a task.
+        self.loop_watch: asyncio.Task | None = None
         self.load_task: asyncio.Task | None = None
         self.startup: dict[str, Any] = {}  # when initialize was answered, whether torch was in yet
         self.drafts = DraftStoreBuilder(self.from_worker)  # the draft store, built beside the worker
