@@ -29,7 +29,6 @@ In the core only this module, `jsonrpc.py` (the repairs of pygls' protocol), `tc
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import itertools
 import json
@@ -59,7 +58,7 @@ from .loading import load_blocking
 from . import faults, jobs, prefetch, session
 from .replies import accept_command, completion_items, inline_items, stats_reply
 from .session import Documents, Job, Outcome, return_memory
-from .settings import RELOAD_KEYS, Settings, parse_settings
+from .settings import RELOAD_KEYS, Settings, from_command_line, parse_settings
 from .tcp import new_token, parse_address, serve_tcp
 
 log = logging.getLogger(__name__)
@@ -473,13 +472,8 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
 
 def serve(args) -> int:
     """Run the server over stdio (default) or TCP (`--tcp HOST:PORT`)."""
-    cli = Settings()
-    for name in ("model", "quantize", "device", "dtype", "backend", "backend_url", "backend_model"):
-        value = getattr(args, name, None)
-        if value:
-            cli = dataclasses.replace(cli, **{name: value})
     faults.apply_test_limits()
-    server = build_server(cli)
+    server = build_server(from_command_line(args))
     if getattr(args, "verbose", 0) < 2:
         logging.getLogger("pygls").setLevel(logging.WARNING)  # it logs every message at INFO
     if getattr(args, "tcp", None):
