@@ -13,6 +13,7 @@ import os
 import sys
 
 from .backends import BACKENDS
+from .settings import CLI_FLAGS
 from .errors import SdsatError
 
 
@@ -23,7 +24,7 @@ TOOL_MODULES = {
     "eval": (".tools.evaluate", "completion quality on held-out code (exact match, edit similarity)"),
     "stress": (".tools.stress", "drive the server over stdio with valid and hostile traffic; nothing may be lost"),
     "draft-store": (".tools.distill", "build a model's draft store (retrieval drafts) ahead of time; cached"),
-    "corpus": (".corpus", "token shards and a manifest from the standard library and the venv's package sources"),
+    "corpus": (".training.corpus", "token shards and a manifest from the standard library and the venv's package sources"),
 }
 
 
@@ -48,16 +49,8 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
                              "list, else a new one, printed on stderr)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     parser.add_argument("--log-file", help="log here instead of stderr")
-    # Server start-up settings (initializationOptions from the editor override them).
-    parser.add_argument("--model", help="server: model folder or hub id (default: the embedded model)")
-    parser.add_argument("--quantize", help="server: auto | none | nf4 | int8 | dynamic-int8")
-    parser.add_argument("--device", help="server: auto | cpu | cuda | cuda:N")
-    parser.add_argument("--backend", choices=BACKENDS,
-                        help="server: where completions are decoded: local (default) | vllm | openai (an "
-                             "OpenAI-compatible completions endpoint at --backend-url serving --model)")
-    parser.add_argument("--backend-url", help="server: the endpoint of --backend vllm/openai, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--backend-model", help="server: the name the endpoint serves the model under "
-                                                "(default: the only one it lists)")
+    for flag, help_line in CLI_FLAGS.items():  # the server's start-up settings
+        parser.add_argument(flag, help=f"server: {help_line}", **({"choices": BACKENDS} if flag == "--backend" else {}))
     sub = parser.add_subparsers(dest="command")
     if tools:
         for name in TOOLS:

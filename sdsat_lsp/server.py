@@ -22,14 +22,13 @@
   drafts accepted), the KV cache's contents, the current settings, what was shown and accepted
   (items carry the `sdsat.accept` command: acceptance.py) and the prefetch's figures.
 
-In the core only this module, `jsonrpc.py` (the repairs of pygls' protocol), `tcp.py` and
-`document.py` import lsprotocol/pygls. The data flow of one keystroke: docs/architecture.md.
+In the core only this module, `jsonrpc.py` (the repairs of pygls' protocol), `tcp.py`,
+`document.py`, `replies.py` and `progress.py` import lsprotocol/pygls. The data flow of one keystroke: docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import itertools
 import json
@@ -39,7 +38,6 @@ import re
 import sys
 import threading
 import time
-import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
@@ -57,9 +55,10 @@ from .jsonrpc import LenientStdin, Protocol, plain
 from .kvcache import KVCacheStore
 from .loading import load_blocking
 from . import faults, jobs, prefetch, session
+from .progress import ProgressBar
 from .replies import accept_command, completion_items, inline_items, stats_reply
 from .session import Documents, Job, Outcome, return_memory
-from .settings import RELOAD_KEYS, Settings, parse_settings
+from .settings import RELOAD_KEYS, Settings, from_command_line, parse_settings
 from .tcp import new_token, parse_address, serve_tcp
 
 log = logging.getLogger(__name__)
@@ -92,6 +91,8 @@ class SdsatServer(LanguageServer):
         self.recent_lock = threading.Lock()  # iterating a deque while another thread appends raises
         self.seq = itertools.count(1)
         self.loop: asyncio.AbstractEventLoop | None = None
+        # watch_loop's task, from initialize: held, as asyncio keeps only a weak reference to a task.
+        self.loop_watch: asyncio.Task | None = None
         self.load_task: asyncio.Task | None = None
         self.startup: dict[str, Any] = {}  # when initialize was answered, whether torch was in yet
         self.drafts = DraftStoreBuilder(self.from_worker)  # the draft store, built beside the worker
@@ -207,23 +208,7 @@ class SdsatServer(LanguageServer):
         self.drafts.reset()
         self.set_state("loading", f"loading {what}")
         self.log_to_client(f"sdsat-lsp: loading {what} (torch and transformers import first)")
-        token = None
-        caps = self.client_capabilities
-        if caps.window is not None and caps.window.work_done_progress:
-            token = f"sdsat-load-{uuid.uuid4().hex[:8]}"
-            try:
-                await asyncio.wait_for(self.work_done_progress.create_async(token), CLIENT_REQUEST_TIMEOUT_S)
-                self.work_done_progress.begin(token, types.WorkDoneProgressBegin(
-                    title="sdsat-lsp", message=f"loading {what}", percentage=0))
-            except Exception as exc:  # refused or unanswered: no progress bar, the rest works
-                log.info("window/workDoneProgress/create failed (%s): loading without a progress bar",
-                         exc or type(exc).__name__)
-                token = None
-
-        def report(message: str, percentage: int) -> None:
-            if token is not None:
-                self.work_done_progress.report(token, types.WorkDoneProgressReport(message=message, percentage=percentage))
-
+        bar = await ProgressBar.open(self, f"loading {what}", CLIENT_REQUEST_TIMEOUT_S)
         loop = asyncio.get_running_loop()
         # Importing torch and transformers makes ~360,000 long-lived objects; each full collection
         # meanwhile walked them all (200-600 ms, every thread stopped). None runs while loading;
@@ -231,7 +216,7 @@ class SdsatServer(LanguageServer):
         gc.disable()
         try:
             loaded, kv = await loop.run_in_executor(self.worker, load_blocking, settings,
-                                                       lambda m, p: self.from_worker(report, m, p))
+                                                       lambda m, p: self.from_worker(bar.report, m, p))
         except asyncio.CancelledError:
             raise
         except SdsatError as exc:
@@ -246,8 +231,7 @@ class SdsatServer(LanguageServer):
         finally:
             gc.freeze()
             gc.enable()
-            if token is not None:
-                self.work_done_progress.end(token, types.WorkDoneProgressEnd(message="done"))
+            bar.end()
         if self.settings is not settings and any(getattr(self.settings, k) != getattr(settings, k) for k in RELOAD_KEYS):
             return  # superseded by a newer configuration; its own load is under way
         self.loaded, self.kv = loaded, kv
@@ -471,13 +455,8 @@ def build_server(cli_settings: Settings | None = None) -> SdsatServer:
 
 def serve(args) -> int:
     """Run the server over stdio (default) or TCP (`--tcp HOST:PORT`)."""
-    cli = Settings()
-    for name in ("model", "quantize", "device", "dtype", "backend", "backend_url", "backend_model"):
-        value = getattr(args, name, None)
-        if value:
-            cli = dataclasses.replace(cli, **{name: value})
     faults.apply_test_limits()
-    server = build_server(cli)
+    server = build_server(from_command_line(args))
     if getattr(args, "verbose", 0) < 2:
         logging.getLogger("pygls").setLevel(logging.WARNING)  # it logs every message at INFO
     if getattr(args, "tcp", None):

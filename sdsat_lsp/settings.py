@@ -16,6 +16,18 @@ from .prompt import LINE_MODES
 # Changing these reloads the model (or, for a remote backend, the tokenizer and the endpoint's checks).
 RELOAD_KEYS = ("model", "quantize", "device", "dtype", "threads", "backend", "backend_url", "backend_model")
 
+# The server flags of `sdsat-lsp` (cli.py) and their help: each sets the setting of its name at
+# start-up (from_command_line); initializationOptions from the editor override them.
+CLI_FLAGS = {
+    "--model": "model folder or hub id (default: the embedded model)",
+    "--quantize": "auto | none | nf4 | int8 | dynamic-int8",
+    "--device": "auto | cpu | cuda | cuda:N",
+    "--backend": "where completions are decoded: local (default) | vllm | openai (an OpenAI-compatible "
+                 "completions endpoint at --backend-url serving --model)",
+    "--backend-url": "the endpoint of --backend vllm/openai, e.g. http://127.0.0.1:8000",
+    "--backend-model": "the name the endpoint serves the model under (default: the only one it lists)",
+}
+
 
 @dataclass
 class Settings:
@@ -144,3 +156,9 @@ def _check_value(name: str, value: Any, default: Any) -> str | None:
 
 def settings_to_wire(settings: Settings) -> dict:
     return {camel(k): v for k, v in dataclasses.asdict(settings).items()}
+
+
+def from_command_line(args) -> Settings:
+    """The defaults, with the CLI_FLAGS given on the command line (`args`, from argparse)."""
+    names = (flag[2:].replace("-", "_") for flag in CLI_FLAGS)
+    return dataclasses.replace(Settings(), **{name: getattr(args, name) for name in names if getattr(args, name, None)})

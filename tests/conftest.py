@@ -16,14 +16,20 @@ import pytest_asyncio
 from hypothesis import settings as hypothesis_settings
 
 # Property tests draw the same examples on every run (a fixed seed per test, no example database),
-# so a run fails or passes on the code alone. `--hypothesis-seed N` draws other examples: under it
-# the "seeded" profile is loaded instead, because a derandomized test ignores the forced seed.
+# so a run fails or passes on the code alone. `--hypothesis-seed N` (or SDSAT_HYPOTHESIS_SEED=N,
+# for a command line one cannot change, such as scripts/test's) draws other examples, the same
+# ones for the same N: under it the "seeded" profile is loaded instead, because a derandomized
+# test ignores the forced seed.
 hypothesis_settings.register_profile("derandomized", derandomize=True, database=None)
 hypothesis_settings.register_profile("seeded", derandomize=False, database=None)
 hypothesis_settings.load_profile("derandomized")
+SEED_VARIABLE = "SDSAT_HYPOTHESIS_SEED"
 
 
+@pytest.hookimpl(tryfirst=True)  # before hypothesis' plugin, which reads --hypothesis-seed in its own
 def pytest_configure(config):
+    if os.environ.get(SEED_VARIABLE) and config.getoption("--hypothesis-seed", None) is None:
+        config.option.hypothesis_seed = os.environ[SEED_VARIABLE]
     if config.getoption("--hypothesis-seed", None) is not None and not config.getoption("--hypothesis-profile", None):
         hypothesis_settings.load_profile("seeded")
 

@@ -117,3 +117,20 @@ async def test_draft_store_builds_beside_the_worker_and_never_changes_answers(ti
         assert [item.insert_text for item in (await session.inline(uri, 15, 12)).items] == [expected.text]
     finally:
         await session.stop()
+
+
+async def test_server_flags_set_their_settings():  # async: the module runs on one loop
+    """Each server flag of the command line sets the setting of its name; the others keep their
+    defaults."""
+    from sdsat_lsp.cli import build_parser
+    from sdsat_lsp.settings import CLI_FLAGS, Settings, from_command_line
+
+    parser = build_parser(tools=False)
+    assert from_command_line(parser.parse_args([])) == Settings()
+    args = parser.parse_args(["--model", "m", "--quantize", "none", "--device", "cpu", "--backend", "vllm",
+                              "--backend-url", "http://127.0.0.1:1", "--backend-model", "served"])
+    got = from_command_line(args)
+    assert (got.model, got.quantize, got.device, got.backend, got.backend_url, got.backend_model) == (
+        "m", "none", "cpu", "vllm", "http://127.0.0.1:1", "served")
+    assert set(CLI_FLAGS) == {"--model", "--quantize", "--device", "--backend", "--backend-url", "--backend-model"}
+    assert got.dtype == Settings().dtype and got.max_tokens == Settings().max_tokens

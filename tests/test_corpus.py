@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdsat_lsp.corpus import build_corpus, fim_document, load_corpus, stdlib_dir
+from sdsat_lsp.corpus import stdlib_dir
+from sdsat_lsp.training.corpus import build_corpus, fim_document, load_corpus
 
 STD_FILES = ("json/decoder.py", "json/encoder.py", "json/__init__.py", "json/scanner.py", "textwrap.py", "shlex.py",
              "glob.py", "fnmatch.py", "bisect.py", "heapq.py", "queue.py", "sched.py", "colorsys.py", "keyword.py")

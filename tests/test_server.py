@@ -162,6 +162,14 @@ def _tcp_initialize(sock, msg_id, token) -> dict:
     return _read_message(sock)
 
 
+def _tcp_shutdown(sock, msg_id) -> None:
+    """`shutdown`, its reply awaited (past any notifications), then `exit`."""
+    sock.sendall(_frame({"jsonrpc": "2.0", "id": msg_id, "method": "shutdown"}))
+    while _read_message(sock).get("id") != msg_id:
+        pass
+    sock.sendall(_frame({"jsonrpc": "2.0", "method": "exit"}))
+
+
 def _ended(proc) -> None:
     if proc.poll() is None:
         proc.kill()
@@ -174,10 +182,7 @@ def _tcp_round_trip():
         with _tcp_connect(port) as sock:
             reply = _tcp_initialize(sock, 1, TCP_TOKEN)
             assert reply["id"] == 1 and "inlineCompletionProvider" in reply["result"]["capabilities"]
-            sock.sendall(_frame({"jsonrpc": "2.0", "id": 2, "method": "shutdown"}))
-            while _read_message(sock).get("id") != 2:
-                pass
-            sock.sendall(_frame({"jsonrpc": "2.0", "method": "exit"}))
+            _tcp_shutdown(sock, 2)
         assert proc.wait(timeout=30) == 0
     finally:
         _ended(proc)
@@ -211,10 +216,7 @@ def _tcp_gatekeeping():
             while (reply := _read_message(sock)).get("id") != 4:
                 pass
             assert "result" in reply, reply
-            sock.sendall(_frame({"jsonrpc": "2.0", "id": 5, "method": "shutdown"}))
-            while _read_message(sock).get("id") != 5:
-                pass
-            sock.sendall(_frame({"jsonrpc": "2.0", "method": "exit"}))
+            _tcp_shutdown(sock, 5)
         assert proc.wait(timeout=30) == 0
     finally:
         _ended(proc)

@@ -100,59 +100,87 @@ def _seeded_files(source, rng: random.Random, wanted: dict[str, int], what: str)
 
 def cut_samples(n_line: int, n_block: int, source=None, seed: int = 0, max_chars: int = 1500) -> list[Sample]:
     """Seeded samples from held-out files (or every file under `source`)."""
-    rng = random.Random(seed)
-    samples: list[Sample] = []
-    wanted = {"line": n_line, "block": n_block}
-    for path, text, lines, offsets in _seeded_files(source, rng, wanted, "evaluation samples"):
-        task = "line" if wanted["line"] and (not wanted["block"] or rng.random() < 0.5) else "block"
-        if task == "line":
-            i = rng.randrange(len(lines))
-            stripped = lines[i].strip()
-            if len(stripped) < 8 or stripped.startswith("#") or offsets[i] < 100:
-                continue
-            start = _indent(lines[i])
-            cut = rng.randrange(start + 1, len(lines[i].rstrip()))
-            prompt, target = text[: offsets[i] + cut], lines[i][cut:].rstrip()
-        else:
-            j, block = _random_block(lines, offsets, rng)
-            if not block:
-                continue
-            prompt, target = text[: offsets[j + 1]], "\n".join(line.rstrip() for line in block)
-        samples.append(Sample(task, str(path), prompt[-max_chars:], target))
-        wanted[task] -= 1
-    return samples
+    return _cut(source, random.Random(seed), {"line": n_line, "block": n_block}, "evaluation samples",
+                {"line": _line_sample, "block": _block_sample}, max_chars)
 
 
 def cut_fim_samples(n_line: int, n_block: int, source=None, seed: int = 0, max_chars: int = 1500) -> list[Sample]:
     """Seeded FIM samples (a seed of their own: the line and block samples stay as they were):
     `fim_line` a span of 3 or more characters from inside a line, the rest of the line and what
     follows as suffix; `fim_block` the indented block under a `:` line, what follows as suffix."""
-    rng = random.Random(seed + 7919)
+    return _cut(source, random.Random(seed + 7919), {"fim_line": n_line, "fim_block": n_block}, "FIM samples",
+                {"fim_line": _fim_line_sample, "fim_block": _fim_block_sample}, max_chars)
+
+
+def _cut(source, rng: random.Random, wanted: dict[str, int], what: str, cutters: dict, max_chars: int) -> list[Sample]:
+    """`wanted[task]` samples of each of the two tasks, cut by `cutters[task]` from seeded files;
+    while both are wanted, a seeded coin picks which a file is tried for. A cutter returns None
+    when the file offers no sample at its draw (the next file is tried)."""
+    first, second = wanted
     samples: list[Sample] = []
-    wanted = {"fim_line": n_line, "fim_block": n_block}
-    for path, text, lines, offsets in _seeded_files(source, rng, wanted, "FIM samples"):
-        task = "fim_line" if wanted["fim_line"] and (not wanted["fim_block"] or rng.random() < 0.5) else "fim_block"
-        if task == "fim_line":
-            i = rng.randrange(len(lines))
-            line = lines[i].rstrip()
-            start = _indent(line)
-            if len(line) - start < 12 or line.lstrip().startswith("#") or offsets[i] < 100:
-                continue
-            a = rng.randrange(start + 1, len(line) - 4)
-            b = rng.randrange(a + 3, len(line))
-            hole_start, hole_end = offsets[i] + a, offsets[i] + b
-        else:
-            j, block = _random_block(lines, offsets, rng)
-            if not block or j + 1 + len(block) >= len(lines):
-                continue
-            hole_start, hole_end = offsets[j + 1], offsets[j + 1 + len(block)]
-        target = text[hole_start:hole_end].rstrip("\n") if task == "fim_block" else text[hole_start:hole_end]
-        if task == "fim_block":
-            target = "\n".join(line.rstrip() for line in target.split("\n"))
-        samples.append(Sample(task, str(path), text[max(0, hole_start - max_chars):hole_start], target,
-                              text[hole_end : hole_end + max_chars]))
-        wanted[task] -= 1
+    for path, text, lines, offsets in _seeded_files(source, rng, wanted, what):
+        task = first if wanted[first] and (not wanted[second] or rng.random() < 0.5) else second
+        sample = cutters[task](str(path), text, lines, offsets, rng, max_chars)
+        if sample is not None:
+            samples.append(sample)
+            wanted[task] -= 1
     return samples
+
+
+def _code_line(lines: list[str], offsets: list[int], rng: random.Random, min_chars: int):
+    """(index, indent, line without trailing whitespace) of a seeded line at least 100 characters
+    in, with `min_chars` or more after its indent and not a comment; None when the draw is not one."""
+    i = rng.randrange(len(lines))
+    line = lines[i].rstrip()
+    start = _indent(line)
+    if len(line) - start < min_chars or line.lstrip().startswith("#") or offsets[i] < 100:
+        return None
+    return i, start, line
+
+
+def _line_sample(path: str, text: str, lines, offsets, rng: random.Random, max_chars: int) -> Sample | None:
+    """The text up to a seeded point inside a line; the rest of the line is the target."""
+    picked = _code_line(lines, offsets, rng, 8)
+    if picked is None:
+        return None
+    i, start, line = picked
+    cut = rng.randrange(start + 1, len(line))
+    return Sample("line", path, text[: offsets[i] + cut][-max_chars:], lines[i][cut:].rstrip())
+
+
+def _block_sample(path: str, text: str, lines, offsets, rng: random.Random, max_chars: int) -> Sample | None:
+    """The text up to a seeded `:` line; the block under it is the target."""
+    j, block = _random_block(lines, offsets, rng)
+    if not block:
+        return None
+    return Sample("block", path, text[: offsets[j + 1]][-max_chars:], "\n".join(line.rstrip() for line in block))
+
+
+def _fim_line_sample(path: str, text: str, lines, offsets, rng: random.Random, max_chars: int) -> Sample | None:
+    """A seeded span of 3 or more characters inside a line is the hole."""
+    picked = _code_line(lines, offsets, rng, 12)
+    if picked is None:
+        return None
+    i, start, line = picked
+    a = rng.randrange(start + 1, len(line) - 4)
+    b = rng.randrange(a + 3, len(line))
+    return _fim_sample("fim_line", path, text, offsets[i] + a, offsets[i] + b, max_chars)
+
+
+def _fim_block_sample(path: str, text: str, lines, offsets, rng: random.Random, max_chars: int) -> Sample | None:
+    """The block under a seeded `:` line is the hole (a block that ends the file is not one: no suffix)."""
+    j, block = _random_block(lines, offsets, rng)
+    if not block or j + 1 + len(block) >= len(lines):
+        return None
+    return _fim_sample("fim_block", path, text, offsets[j + 1], offsets[j + 1 + len(block)], max_chars)
+
+
+def _fim_sample(task: str, path: str, text: str, hole_start: int, hole_end: int, max_chars: int) -> Sample:
+    target = text[hole_start:hole_end]
+    if task == "fim_block":
+        target = "\n".join(line.rstrip() for line in target.rstrip("\n").split("\n"))
+    return Sample(task, path, text[max(0, hole_start - max_chars):hole_start], target,
+                  text[hole_end : hole_end + max_chars])
 
 
 def _complete_fim(loaded, sample: Sample, k: int, adaptive_ids: list[int], max_new_tokens: int) -> str:

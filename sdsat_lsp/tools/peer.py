@@ -79,7 +79,6 @@ def permute_for_gguf(weight, heads: int):
 def convert_to_gguf(model_dir: Path, out: Path) -> Path:
     """Write the Llama model in `model_dir` (safetensors, tokenizer.json) as an f16 GGUF."""
     import gguf
-    import numpy as np
     from safetensors.numpy import load_file
 
     config = json.loads((model_dir / "config.json").read_text())
@@ -88,12 +87,54 @@ def convert_to_gguf(model_dir: Path, out: Path) -> Path:
     tensors = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         tensors.update(load_file(str(path)))
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)}
     tok = json.loads((model_dir / "tokenizer.json").read_text())
     if tok["model"]["type"] != "BPE":
         raise SdsatError("the llama.cpp peer converts byte-level BPE tokenizers only")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_name(model_dir.name)
+    _add_hyperparameters(writer, config)
+    _add_vocabulary(writer, config, tok)
+    _add_tensors(writer, config, tensors)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def _head_counts(config: dict) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head size) of a transformers Llama config."""
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    return heads, kv_heads, config.get("head_dim") or config["hidden_size"] // heads
+
+
+def _add_hyperparameters(writer, config: dict) -> None:
+    import gguf
+
+    heads, kv_heads, head_dim = _head_counts(config)
+    rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)}
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+
+
+def _add_vocabulary(writer, config: dict, tok: dict) -> None:
+    """Our byte-level BPE (tokenizer.json) as a "gpt2" vocabulary: one name per id up to the
+    model's vocabulary size ([PADn] where the tokenizer has none), special and padding ids marked
+    CONTROL, and the merges."""
+    import gguf
+
     vocab = dict(tok["model"]["vocab"])
     special = set()
     for added in tok.get("added_tokens", []):
@@ -107,34 +148,24 @@ def convert_to_gguf(model_dir: Path, out: Path) -> Path:
             names[index] = text
     types = [gguf.TokenType.CONTROL if i in special or names[i].startswith("[PAD") else gguf.TokenType.NORMAL
              for i in range(size)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(out), "llama")
-    writer.add_name(model_dir.name)
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope["rope_theta"]))
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_vocab_size(size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(names)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
     for key, adder in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
                        ("pad_token_id", writer.add_pad_token_id)):
         if isinstance(config.get(key), int):
             adder(config[key])
     writer.add_add_bos_token(False)
+
+
+def _add_tensors(writer, config: dict, tensors: dict) -> None:
+    """The weights under llama.cpp's tensor names: f16 matrices (q/k rows permuted for its rope),
+    f32 norms; a tied output head is the embedding."""
+    import numpy as np
+
+    heads, kv_heads, _ = _head_counts(config)
 
     def put(name: str, array, matrix: bool = True) -> None:
         writer.add_tensor(name, np.ascontiguousarray(array.astype(np.float16 if matrix else np.float32)))
@@ -153,11 +184,6 @@ def convert_to_gguf(model_dir: Path, out: Path) -> Path:
         put(f"blk.{i}.ffn_down.weight", tensors[p + "mlp.down_proj.weight"])
     put("output_norm.weight", tensors["model.norm.weight"], matrix=False)
     put("output.weight", tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
 
 
 def gguf_for(model_dir: Path) -> Path:

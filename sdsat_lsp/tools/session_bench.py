@@ -77,7 +77,7 @@ async def _forward(stream) -> None:
 
 
 async def _run_once(path: Path, settings: dict, server_cmd: list[str], timeout: float) -> dict:
-    from lsprotocol import types
+    """One session on `path` against a fresh server started with `settings`: its figures."""
     from pygls.lsp.client import LanguageClient
 
     client = LanguageClient("sdsat-session-bench", "1")
@@ -90,10 +90,30 @@ async def _run_once(path: Path, settings: dict, server_cmd: list[str], timeout: 
     await client.start_io(*server_cmd)
     # pygls pipes the server's stderr and never reads it: drain it, or a chatty server blocks.
     drain = asyncio.ensure_future(_forward(client._server.stderr))
+    await _initialize(client, settings)
+    await _until_ready(statuses, timeout)
+    await _until_compiled(client, timeout)
+    uri = path.resolve().as_uri()
+    latencies = await _replay(client, uri, path.read_text())
+    report = plain(await client.protocol.send_request_async("sdsat/stats", {"uri": uri, "last": 100_000}))
+    await client.shutdown_async(None)
+    client.exit(None)
+    await client.stop()
+    drain.cancel()
+    return _figures(latencies, report)
+
+
+async def _initialize(client, settings: dict) -> None:
+    from lsprotocol import types
+
     caps = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
         inline_completion=types.InlineCompletionClientCapabilities()))
     await client.initialize_async(types.InitializeParams(capabilities=caps, initialization_options=settings))
     client.initialized(types.InitializedParams())
+
+
+async def _until_ready(statuses: list[dict], timeout: float) -> None:
+    """Until the server's sdsat/status says the model is ready (or raise on error or time out)."""
     deadline = time.perf_counter() + timeout
     while not statuses or statuses[-1]["state"] not in ("ready", "error"):
         if time.perf_counter() > deadline:
@@ -101,23 +121,29 @@ async def _run_once(path: Path, settings: dict, server_cmd: list[str], timeout: 
         await asyncio.sleep(0.05)
     if statuses[-1]["state"] == "error":
         raise RuntimeError(f"the server could not load the model: {statuses[-1]['message']}")
-    # The compiled forward builds in the background once the model is ready: time the session
-    # after it, so that the figures are those of a server that has been up a while. It runs at low
-    # priority, so on a busy machine it takes minutes: its own allowance.
+
+
+async def _until_compiled(client, timeout: float) -> None:
+    """The compiled forward builds in the background once the model is ready: time the session
+    after it, so that the figures are those of a server that has been up a while. It runs at low
+    priority, so on a busy machine it takes minutes: its own allowance."""
     deadline = time.perf_counter() + max(timeout, 900.0)
     while True:
         stats = plain(await client.protocol.send_request_async("sdsat/stats", {"last": 0}))
         compiled = (stats or {}).get("compiled") or {}
         if compiled.get("state") != "compiling":
-            break
+            return
         if time.perf_counter() > deadline:
             raise TimeoutError(f"the server's forward did not compile in {timeout} s")
         await asyncio.sleep(0.5)
 
-    uri = path.resolve().as_uri()
+
+async def _replay(client, uri: str, text: str) -> list[float]:
+    """The session's steps sent as an editor sends them; the wall time of each request, in ms."""
+    from lsprotocol import types
+
     version = 1
     latencies: list[float] = []
-    text = path.read_text()
     for kind, payload in session_steps(text):
         if kind == "open":
             client.text_document_did_open(types.DidOpenTextDocumentParams(text_document=types.TextDocumentItem(
@@ -136,12 +162,11 @@ async def _run_once(path: Path, settings: dict, server_cmd: list[str], timeout: 
                 text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(row, col),
                 context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic)))
             latencies.append((time.perf_counter() - started) * 1e3)
-    report = plain(await client.protocol.send_request_async("sdsat/stats", {"uri": uri, "last": 100_000}))
-    await client.shutdown_async(None)
-    client.exit(None)
-    await client.stop()
-    drain.cancel()
+    return latencies
 
+
+def _figures(latencies: list[float], report: dict) -> dict:
+    """One session's figures from the client's latencies and the server's sdsat/stats."""
     reqs = report["requests"]
     prompt = sum(r.get("promptTokens", 0) for r in reqs)
     prefilled = sum(r.get("prefillTokens", 0) for r in reqs)

@@ -364,7 +364,7 @@ def _prepare_data(args, out: Path, tokenizer):
     from ..corpus import file_list_hash, split_files, token_stream
 
     if getattr(args, "corpus", None):
-        from ..corpus import load_corpus
+        from .corpus import load_corpus
 
         return load_corpus(args.corpus)
     cache = out / "data.pt"
