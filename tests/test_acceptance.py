@@ -55,7 +55,7 @@ async def test_accept_partial_accept_and_ignored(main_server):
         result = await main_server.execute(ACCEPT, accepted.command.arguments)
         assert result == {"recorded": True, "state": "accepted"}
         overall, doc = await _acceptance(main_server, uri)
-        assert (doc["shown"], doc["accepted"], doc["partiallyAccepted"], doc["ignored"]) == (2, 1, 0, 1)
+        assert _counts(doc) == (2, 1, 0, 1)
         assert doc["acceptanceRate"] == 0.5
         assert overall["accepted"] == overall_before["accepted"] + 1
         assert overall["shown"] == overall_before["shown"] + 2
@@ -73,7 +73,7 @@ async def test_accept_partial_accept_and_ignored(main_server):
         argument["acceptedLength"] = len(partial.insert_text)
         assert (await main_server.execute(ACCEPT, [argument]))["state"] == "accepted"
         doc = (await _acceptance(main_server, uri))[1]
-        assert (doc["shown"], doc["accepted"], doc["partiallyAccepted"], doc["ignored"]) == (3, 2, 0, 1)
+        assert _counts(doc) == (3, 2, 0, 1)
     finally:
         main_server.close(uri)
 
@@ -112,3 +112,8 @@ async def test_an_unknown_completion_is_not_recorded(main_server):
     assert result["recorded"] is False
     after = (await main_server.stats(last=0))["acceptance"]
     assert after["accepted"] == before["accepted"]
+
+
+def _counts(doc: dict) -> tuple[int, int, int, int]:
+    """(shown, accepted, partially accepted, ignored) of an `acceptance` entry."""
+    return doc["shown"], doc["accepted"], doc["partiallyAccepted"], doc["ignored"]

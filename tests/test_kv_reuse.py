@@ -35,20 +35,27 @@ async def test_typing_at_the_cursor_reuses_the_cache(main_server):
     main_server.close(uri)
 
 
-async def test_edit_before_cursor_invalidates_from_there_only(main_server, tiny_lm):
-    tokenizer = tiny_lm[1]
+async def _complete_rename_complete(server, tokenizer, uri: str):
+    """Complete in "print(count)" (before ")"), rename the parameter on line 4 ("depth=0" ->
+    "level=0": tokens before it stay valid), complete again: (prompt ids before, after, the last
+    request's stats)."""
     fim = {"prefix": 5, "middle": 6, "suffix": 7}
+    line, column = 17, 14
+
+    def ids(text: str) -> list[int]:
+        return healed_ids(tokenizer, build_prompt(text, offset_of(text, line, column), tokenizer, max_tokens=256,
+                                                  fim_ids=fim).ids)
+
+    await server.inline(uri, line, column)
+    server.change(uri, (4, 14), (4, 19), "level")
+    await server.inline(uri, line, column)
+    return ids(DOC), ids(DOC.replace("depth=0", "level=0", 1)), await server.last_request(uri)
+
+
+async def test_edit_before_cursor_invalidates_from_there_only(main_server, tiny_lm):
     uri = "file:///edit.py"
     main_server.open(uri, DOC)
-    line, column = 17, 14  # in "print(count)", before ")"
-    await main_server.inline(uri, line, column)
-    before = healed_ids(tokenizer, build_prompt(DOC, offset_of(DOC, line, column), tokenizer, max_tokens=256, fim_ids=fim).ids)
-    # Rename the parameter on line 4 ("depth=0" -> "level=0"): tokens before it are still valid.
-    main_server.change(uri, (4, 14), (4, 19), "level")
-    edited = DOC.replace("depth=0", "level=0", 1)
-    await main_server.inline(uri, line, column)
-    after = healed_ids(tokenizer, build_prompt(edited, offset_of(edited, line, column), tokenizer, max_tokens=256, fim_ids=fim).ids)
-    s = await main_server.last_request(uri)
+    before, after, s = await _complete_rename_complete(main_server, tiny_lm[1], uri)
     lcp = common_prefix_len(before, after)
     assert 10 < lcp < len(after) - 20
     assert s["reusedTokens"] == lcp and s["prefillTokens"] == len(after) - lcp
@@ -59,20 +66,11 @@ async def test_edit_before_cursor_invalidates_from_there_only(main_server, tiny_
 async def test_edit_above_the_cursor_shifts_the_cache_when_asked(main_server, tiny_lm):
     """With cacheShift, the same edit re-feeds only the edited span and the prompt's last token: the
     KV of the text between the edit and the cursor is kept, its positions shifted (kvshift.py)."""
-    tokenizer = tiny_lm[1]
-    fim = {"prefix": 5, "middle": 6, "suffix": 7}
     uri = "file:///shift.py"
-    line, column = 17, 14
     main_server.open(uri, DOC)
     main_server.configure({"cacheShift": 8})
     try:
-        await main_server.inline(uri, line, column)
-        before = healed_ids(tokenizer, build_prompt(DOC, offset_of(DOC, line, column), tokenizer, max_tokens=256, fim_ids=fim).ids)
-        main_server.change(uri, (4, 14), (4, 19), "level")
-        edited = DOC.replace("depth=0", "level=0", 1)
-        await main_server.inline(uri, line, column)
-        after = healed_ids(tokenizer, build_prompt(edited, offset_of(edited, line, column), tokenizer, max_tokens=256, fim_ids=fim).ids)
-        s = await main_server.last_request(uri)
+        before, after, s = await _complete_rename_complete(main_server, tiny_lm[1], uri)
         lcp = common_prefix_len(before, after)
         tail = next(n for n in range(len(after)) if before[-1 - n] != after[-1 - n])  # unchanged after the edit
         assert tail > 40
