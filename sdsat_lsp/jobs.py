@@ -47,7 +47,8 @@ def _answer(server, job: Job, stats: dict) -> Completion | None:
     if job.cancel.is_set() or loaded is None or kv is None:
         stats["finishReason"] = "cancelled" if job.cancel.is_set() else "not-ready"
         return None
-    if s.deadline_ms and time.perf_counter() > job.created + s.deadline_ms / 1e3:
+    hard_deadline = job.created + s.deadline_ms / 1e3 if s.deadline_ms else None
+    if hard_deadline is not None and time.perf_counter() > hard_deadline:
         # It waited in the queue past its deadline (a loaded machine, a burst over many
         # documents): even one pass would only make the answer later, and every job behind it too.
         stats.update(finishReason="deadline", forwardPasses=0)
@@ -56,7 +57,7 @@ def _answer(server, job: Job, stats: dict) -> Completion | None:
         loaded, s, job.text, job.offset, job.doc.continuation, job.seq, keep=job.doc.window_head, kv=kv,
         uri=job.uri, draft_store=server.drafts.store, cancel=job.cancel.is_set,
         deadline=job.created + s.time_budget_ms / 1e3 if s.time_budget_ms else None,
-        hard_deadline=job.created + s.deadline_ms / 1e3 if s.deadline_ms else None)
+        hard_deadline=hard_deadline)
     job.doc.window_head = result.prompt.window_head
     if job.doc.closed:  # closed while this ran: its cache, stored just now, goes too
         kv.drop(job.uri)
